@@ -78,7 +78,8 @@ def parse_config(text: str | bytes) -> NetworkConfig:
     """Parse and validate a flannel network config; raise ConfigError naming the bad field."""
     try:
         raw = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: json gives up on deeply nested input; that is malformed too.
         raise ConfigError("config", f"not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise ConfigError("config", "must be a JSON object")
@@ -135,6 +136,9 @@ def _parse_bound(raw: dict, field: str, network: IPv4Network, subnet_len: int,
     value = raw.get(field)
     if value in (None, ""):
         return default
+    if not isinstance(value, str):
+        # IPv4Address() would take an integer (or True) as an address; flannel's JSON holds strings.
+        raise ConfigError(field, f"{value!r} is not an IPv4 address string")
     try:
         address = IPv4Address(value)
     except ValueError:
