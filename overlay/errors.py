@@ -44,3 +44,11 @@ class KernelError(OverlayError):
 
 class DeviceNotFound(KernelError):
     """A network device named in a request does not exist."""
+
+
+class StoreError(OverlayError):
+    """etcd refused a request for a reason retrying will not cure (bad request, permission)."""
+
+
+class LeaseLost(OverlayError):
+    """Our etcd lease expired or our subnet key is now bound to another lease: claim again."""
