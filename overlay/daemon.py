@@ -1,0 +1,516 @@
+"""overlayd: the host daemon.
+
+Design
+------
+One asyncio process per host. etcd is the source of truth; the kernel is converged towards it by
+a single level-triggered reconcile loop:
+
+    etcd watch events ─┐
+    netlink drift ─────┼──> mark dirty ──> reconcile: desired_state() ─ plan() ─ Kernel.apply()
+    jittered timer ────┘
+
+Nothing is programmed from inside an event handler: handlers only update the in-memory lease map
+and set the `dirty` event. The loop recomputes the whole desired state each time, so a missed or
+duplicated event cannot leave the kernel wrong for longer than one resync interval.
+
+Start-up: read the network config (refusing a bad one, programming nothing), find the underlay,
+take a lease (adopting the one this host already holds, so a restart keeps its subnet, VTEP MAC
+and every live route), reconcile once, then write the subnet file and tell systemd READY=1.
+SIGTERM stops the daemon but leaves the data plane and the lease in place: containers keep
+talking while it restarts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+from . import firewall, sdnotify
+from .config import NetworkConfig, parse_config
+from .dataplane import DataplaneState, Underlay, desired_state, plan, vtep_mac
+from .errors import ConfigError, LeaseParseError, OverlayError, StoreUnavailable, SubnetsExhausted, WatchCompacted
+from .etcd import EtcdSettings, EtcdStore, LeaseEvent
+from .health import DaemonStatus, serve_health
+from .kernel import Kernel
+from .lease import DEFAULT_PREFIX, Lease, LeaseAttrs, choose_subnet
+from .subnetfile import for_subnet, read_subnet_file, write_subnet_file
+
+log = logging.getLogger("overlayd")
+
+DEFAULT_RUN_DIR = Path("/run/overlay")
+DEFAULT_LEASE_TTL = 24 * 3600
+CLAIM_ATTEMPTS = 20
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    etcd: EtcdSettings
+    iface: str | None = None
+    public_ip: IPv4Address | None = None
+    run_dir: Path = DEFAULT_RUN_DIR
+    ip_masq: bool = False
+    healthz_ip: str = "0.0.0.0"
+    healthz_port: int = 0              # 0: no health endpoint
+    lease_ttl: int = DEFAULT_LEASE_TTL
+    resync_interval: float = 10.0      # the longest a drifted kernel object stays wrong
+    cni_service: bool = True           # serve the CNI plugin on <run-dir>/cni.sock
+
+
+class Daemon:
+    def __init__(self, settings: DaemonSettings):
+        self.settings = settings
+        self.status = DaemonStatus()
+        self.store = EtcdStore(settings.etcd)
+        self.kernel: Kernel | None = None
+        self.config: NetworkConfig | None = None
+        self.underlay: Underlay | None = None
+        self.own: Lease | None = None
+        self.peers: dict[IPv4Network, Lease] = {}
+        self.revision = 0                 # etcd revision the lease map reflects
+        self.dirty = asyncio.Event()
+        self.lease_lost = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self._last_logged_peers: int | None = None
+
+    # ---------------------------------------------------------------- start-up
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stopping.set)
+        health = None
+        if self.settings.healthz_port:
+            health = await serve_health(self.status, self.settings.healthz_ip, self.settings.healthz_port)
+        cni = None
+        try:
+            self.kernel = Kernel()
+            self.underlay = self.kernel.underlay(self.settings.iface, self.settings.public_ip)
+            log.info("underlay: %s, public IP %s, MTU %d", self.underlay.iface,
+                     self.underlay.public_ip, self.underlay.mtu)
+            if not await self._until_stopped(self._start()):
+                return 0
+            cni = self._start_cni_service()
+            return await self._serve()
+        finally:
+            if cni is not None:
+                cni.close()
+            if health is not None:
+                health.close()
+            if self.kernel is not None:
+                self.kernel.close()
+            await self.store.close()
+            log.info("stopped; the data plane and the lease are left in place")
+
+    async def _until_stopped(self, coroutine) -> bool:
+        """Run a start-up step unless SIGTERM comes first; False when stopped."""
+        task = asyncio.ensure_future(coroutine)
+        stop = asyncio.ensure_future(self.stopping.wait())
+        done, _ = await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            stop.cancel()
+            task.result()
+            return True
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return False
+
+    async def _start(self) -> None:
+        self.config = await self._wait_for_config()
+        await self._acquire_lease()
+        await self._reconcile_once()
+        self._write_subnet_file()
+        self.status.data_plane_ready = True
+        log.info("ready: subnet %s, %d peers, %.2f s after start", self.own.subnet, len(self._programmed_peers()),
+                 time.monotonic() - self.status.started_at)
+        sdnotify.notify(f"READY=1\nSTATUS=subnet {self.own.subnet}")
+
+    async def _wait_for_config(self) -> NetworkConfig:
+        """Read the network config; a missing or bad one is logged and waited out, never programmed."""
+        backoff = Backoff()
+        last_problem = ""
+        while True:
+            try:
+                raw = await self.store.get_config()
+                self.status.store_reachable = True
+                if raw is None:
+                    problem = f"no network config at {self.settings.etcd.prefix}/config (set one with `overlayctl config set`)"
+                else:
+                    return parse_config(raw)
+            except ConfigError as exc:
+                self.status.store_reachable = True
+                problem = f"network config refused: {exc}; nothing is programmed until it is fixed"
+            except StoreUnavailable as exc:
+                self.status.store_reachable = False
+                problem = f"etcd unreachable: {exc}"
+            if problem != last_problem:
+                log.error("%s", problem)
+                last_problem = problem
+            self.status.problem = problem
+            await asyncio.sleep(backoff.next())
+
+    # ---------------------------------------------------------------- the lease
+
+    def _own_attrs(self) -> LeaseAttrs:
+        vni = self.config.backend.vni
+        return LeaseAttrs(self.underlay.public_ip, vni, vtep_mac(self.underlay.public_ip, vni))
+
+    async def _acquire_lease(self) -> None:
+        """Adopt the lease this host holds, else claim a subnet (the previous one if free).
+
+        A lost create-if-absent race is not an error: re-list and try another subnet.
+        """
+        attrs = self._own_attrs()
+        backoff = Backoff()
+        attempts = 0
+        while True:
+            try:
+                leases, revision = await self.store.list_leases()
+                self.status.store_reachable = True
+                mine = [lease for lease in leases if lease.attrs.public_ip == attrs.public_ip
+                        and self.config.holds(lease.subnet)]
+                for lease in sorted(mine, key=lambda lease: -lease.mod_revision):
+                    adopted = await self._adopt(lease, attrs)
+                    if adopted is not None:
+                        self._set_own(adopted, "adopted the lease this host already held")
+                        break
+                else:
+                    taken = {lease.subnet for lease in leases}
+                    subnet = choose_subnet(self.config, taken, self._previous_subnets())
+                    claimed = await self.store.claim_subnet(subnet, attrs, self.settings.lease_ttl)
+                    if claimed is None:
+                        attempts += 1
+                        log.info("lost the race for %s to another host; trying another subnet", subnet)
+                        if attempts >= CLAIM_ATTEMPTS:
+                            raise OverlayError(f"could not claim a subnet in {attempts} attempts")
+                        continue
+                    self._set_own(claimed, "claimed a new lease")
+                self.peers = {lease.subnet: lease for lease in leases if lease.subnet != self.own.subnet}
+                self.revision = max(revision, self.own.mod_revision)
+                self.lease_lost.clear()
+                self.dirty.set()
+                return
+            except SubnetsExhausted as exc:
+                self.status.problem = str(exc)
+                log.error("%s; waiting for a subnet to be released", exc)
+                await asyncio.sleep(backoff.next())
+            except StoreUnavailable as exc:
+                self.status.store_reachable = False
+                self.status.problem = f"etcd unreachable: {exc}"
+                log.warning("etcd unreachable while taking a lease: %s", exc)
+                await asyncio.sleep(backoff.next())
+
+    async def _adopt(self, lease: Lease, attrs: LeaseAttrs) -> Lease | None:
+        if not lease.lease_id:
+            return None
+        ttl = await self.store.time_to_live(lease.lease_id)
+        if ttl <= 0:
+            return None
+        if lease.attrs != attrs:
+            log.info("lease %s: announcing %s (was %s)", lease.subnet, attrs, lease.attrs)
+            return await self.store.update_lease_attrs(lease, attrs)
+        return lease
+
+    def _previous_subnets(self) -> list[IPv4Network]:
+        """The subnet in our subnet file: a host that returns after its lease expired gets it back."""
+        try:
+            return [read_subnet_file(self.settings.run_dir).subnet.network]
+        except (OSError, ValueError):
+            return []
+
+    def _set_own(self, lease: Lease, why: str) -> None:
+        self.own = lease
+        self.status.subnet = str(lease.subnet)
+        self.status.lease_expires_at = time.monotonic() + self.settings.lease_ttl
+        log.info("lease %s (public IP %s, VTEP MAC %s, etcd lease %x): %s", lease.subnet,
+                 lease.attrs.public_ip, lease.attrs.vtep_mac, lease.lease_id, why)
+
+    # ---------------------------------------------------------------- running
+
+    async def _serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        drift = self.kernel.watch_drift(lambda: loop.call_soon_threadsafe(self.dirty.set))
+        tasks = [asyncio.create_task(coro, name=name) for name, coro in (
+            ("reconcile", self._reconcile_loop()),
+            ("watch", self._watch_loop()),
+            ("renew", self._renew_loop()),
+            ("resync", self._resync_timer()),
+        )]
+        stop = asyncio.create_task(self.stopping.wait())
+        try:
+            done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stop and task.exception() is not None:
+                    # A broken invariant: end the process and let the supervisor restart it.
+                    log.critical("%s failed: %r", task.get_name(), task.exception())
+                    return 1
+            return 0
+        finally:
+            sdnotify.notify("STOPPING=1")
+            for task in [stop, *tasks]:
+                task.cancel()
+            await asyncio.gather(stop, *tasks, return_exceptions=True)
+            drift.stop()
+
+    async def _resync_timer(self) -> None:
+        interval = self.settings.resync_interval
+        while True:
+            await asyncio.sleep(interval * random.uniform(0.5, 1.0))
+            self.dirty.set()
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self.dirty.wait()
+            self.dirty.clear()
+            await self._reconcile_once()
+
+    async def _reconcile_once(self) -> None:
+        started = time.monotonic()
+        desired = desired_state(self.own, self.peers.values(), self.config, self.underlay)
+        try:
+            actual = await asyncio.to_thread(self.kernel.read_state, desired.device.name)
+            changes = plan(desired, actual)
+            if not changes.empty:
+                for line in changes.describe():
+                    log.info("%s", line)
+                await asyncio.to_thread(self.kernel.apply, changes)
+                self.status.changes_applied += len(changes.describe())
+            if changes.create_device is not None or not self.status.data_plane_ready:
+                await asyncio.to_thread(self._apply_host_settings)
+            elif not await asyncio.to_thread(firewall.rules_present):
+                log.info("firewall rules missing: restoring them")
+                await asyncio.to_thread(self._apply_host_settings)
+            self.status.in_sync = True
+        except OverlayError as exc:
+            self.status.in_sync = False
+            self.status.reconcile_failures += 1
+            self.status.problem = f"reconcile failed: {exc}"
+            log.error("reconcile failed: %s; retrying", exc)
+            asyncio.get_running_loop().call_later(1.0, self.dirty.set)
+        finally:
+            elapsed = time.monotonic() - started
+            self.status.reconcile_runs += 1
+            self.status.last_reconcile_seconds = elapsed
+            self.status.reconcile_seconds_total += elapsed
+            self.status.peers = len(desired.routes)
+            if self.status.peers != self._last_logged_peers:
+                log.info("%d peers programmed (reconcile %.1f ms)", self.status.peers, elapsed * 1000)
+                self._last_logged_peers = self.status.peers
+
+    def _apply_host_settings(self) -> None:
+        self.kernel.set_ip_forward(True)
+        firewall.apply_rules(self.config.network, self.settings.ip_masq)
+
+    def _programmed_peers(self) -> list[Lease]:
+        return list(self.peers.values())
+
+    def _write_subnet_file(self) -> None:
+        contents = for_subnet(self.config.network, self.own.subnet,
+                              self.underlay.mtu - 50, self.settings.ip_masq)
+        path = write_subnet_file(self.settings.run_dir, contents)
+        log.info("wrote %s (FLANNEL_SUBNET=%s)", path, contents.subnet)
+
+    def _start_cni_service(self):
+        if not self.settings.cni_service:
+            return None
+        try:
+            from cni.service import CniService
+        except ImportError:
+            log.warning("CNI service not available: the plugin will work in its slow, standalone mode")
+            return None
+        service = CniService(self.settings.run_dir)
+        service.start()
+        service.set_ready(True)
+        return service
+
+    # ---------------------------------------------------------------- watching etcd
+
+    async def _watch_loop(self) -> None:
+        backoff = Backoff()
+        while True:
+            try:
+                if self.lease_lost.is_set():
+                    await self._acquire_lease()
+                    self._write_subnet_file()
+                async for event in self.store.watch_leases(self.revision + 1):
+                    self.status.store_reachable = True
+                    backoff.reset()
+                    self._on_lease_event(event)
+                    if self.lease_lost.is_set():
+                        break
+            except WatchCompacted as exc:
+                log.warning("watch from revision %d compacted (now %d): re-listing every lease",
+                            self.revision + 1, exc.compact_revision)
+                await self._relist()
+            except StoreUnavailable as exc:
+                self.status.store_reachable = False
+                self.status.problem = f"etcd unreachable: {exc}"
+                log.warning("etcd watch interrupted: %s; resuming from revision %d", exc, self.revision + 1)
+                await asyncio.sleep(backoff.next())
+                await self._relist_quietly()
+
+    def _on_lease_event(self, event: LeaseEvent) -> None:
+        self.revision = max(self.revision, event.revision)
+        if self.own is not None and event.subnet == self.own.subnet:
+            if event.lease is None:
+                log.warning("our lease %s was deleted from etcd: re-acquiring", event.subnet)
+                self.lease_lost.set()
+            return
+        if event.lease is None:
+            if self.peers.pop(event.subnet, None) is not None:
+                log.info("peer %s left", event.subnet)
+                self.dirty.set()
+        elif self.peers.get(event.subnet) != event.lease:
+            previous = self.peers.get(event.subnet)
+            self.peers[event.subnet] = event.lease
+            if previous is None or previous.attrs != event.lease.attrs:
+                log.info("peer %s %s: public IP %s, VTEP MAC %s", event.subnet,
+                         "joined" if previous is None else "changed",
+                         event.lease.attrs.public_ip, event.lease.attrs.vtep_mac)
+                self.dirty.set()
+
+    async def _relist(self) -> None:
+        leases, revision = await self.store.list_leases()
+        self.status.store_reachable = True
+        own_subnet = self.own.subnet if self.own else None
+        mine = next((lease for lease in leases if lease.subnet == own_subnet), None)
+        if mine is None or mine.attrs.public_ip != self.underlay.public_ip:
+            log.warning("our lease %s is gone from etcd: re-acquiring", own_subnet)
+            self.lease_lost.set()
+        self.peers = {lease.subnet: lease for lease in leases if lease.subnet != own_subnet}
+        self.revision = revision
+        self.dirty.set()
+
+    async def _relist_quietly(self) -> None:
+        try:
+            await self._relist()
+        except StoreUnavailable:
+            pass
+
+    # ---------------------------------------------------------------- renewing the lease
+
+    async def _renew_loop(self) -> None:
+        """Keep the etcd lease alive well before it expires; notice quickly if it was lost."""
+        ttl = self.settings.lease_ttl
+        interval = max(0.5, min(ttl / 3, 60.0))
+        while True:
+            await asyncio.sleep(interval)
+            if self.lease_lost.is_set() or self.own is None:
+                continue
+            try:
+                left = await self.store.keepalive(self.own.lease_id)
+                self.status.store_reachable = True
+                if left <= 0:
+                    log.warning("etcd lease of %s expired: re-acquiring", self.own.subnet)
+                    self.lease_lost.set()
+                    self.dirty.set()
+                else:
+                    self.status.lease_expires_at = time.monotonic() + left
+            except StoreUnavailable as exc:
+                self.status.store_reachable = False
+                self.status.problem = f"etcd unreachable: {exc}"
+                log.warning("lease renewal failed: %s (lease has %.0f s left)", exc,
+                            self.status.lease_seconds_left())
+
+
+class Backoff:
+    """Exponential backoff with jitter, 0.2 s doubling to 5 s."""
+
+    def __init__(self, first: float = 0.2, cap: float = 5.0):
+        self.first, self.cap, self.current = first, cap, first
+
+    def next(self) -> float:
+        delay = self.current * random.uniform(0.8, 1.2)
+        self.current = min(self.cap, self.current * 2)
+        return delay
+
+    def reset(self) -> None:
+        self.current = self.first
+
+
+# -------------------------------------------------------------------- command line
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(
+        prog="overlayd",
+        description="Lease a subnet from etcd and keep this host's VXLAN overlay in sync. "
+                    "Every flag has an environment-variable twin, shown in brackets.")
+    parser.add_argument("--etcd-endpoints", default=env("OVERLAY_ETCD_ENDPOINTS", "http://127.0.0.1:2379"),
+                        help="comma-separated etcd client URLs [OVERLAY_ETCD_ENDPOINTS]")
+    parser.add_argument("--etcd-prefix", default=env("OVERLAY_ETCD_PREFIX", DEFAULT_PREFIX),
+                        help="etcd key prefix of the network [OVERLAY_ETCD_PREFIX]")
+    parser.add_argument("--etcd-cafile", default=env("OVERLAY_ETCD_CAFILE"), help="[OVERLAY_ETCD_CAFILE]")
+    parser.add_argument("--etcd-certfile", default=env("OVERLAY_ETCD_CERTFILE"), help="[OVERLAY_ETCD_CERTFILE]")
+    parser.add_argument("--etcd-keyfile", default=env("OVERLAY_ETCD_KEYFILE"), help="[OVERLAY_ETCD_KEYFILE]")
+    parser.add_argument("--iface", default=env("OVERLAY_IFACE"),
+                        help="underlay interface (default: the default route's) [OVERLAY_IFACE]")
+    parser.add_argument("--public-ip", default=env("OVERLAY_PUBLIC_IP"),
+                        help="address peers send VXLAN to (default: the interface's first) [OVERLAY_PUBLIC_IP]")
+    parser.add_argument("--run-dir", default=env("OVERLAY_RUN_DIR", str(DEFAULT_RUN_DIR)),
+                        help="where subnet.env and the CNI socket live [OVERLAY_RUN_DIR]")
+    parser.add_argument("--ip-masq", action="store_true", default=_env_flag("OVERLAY_IP_MASQ"),
+                        help="masquerade traffic leaving the overlay network [OVERLAY_IP_MASQ]")
+    parser.add_argument("--healthz-ip", default=env("OVERLAY_HEALTHZ_IP", "0.0.0.0"), help="[OVERLAY_HEALTHZ_IP]")
+    parser.add_argument("--healthz-port", type=int, default=int(env("OVERLAY_HEALTHZ_PORT", "0")),
+                        help="serve /healthz, /readyz, /metrics here; 0 = off [OVERLAY_HEALTHZ_PORT]")
+    parser.add_argument("--subnet-lease-ttl", type=int, default=int(env("OVERLAY_SUBNET_LEASE_TTL", str(DEFAULT_LEASE_TTL))),
+                        help="seconds a lease lives unless renewed (default 24 h) [OVERLAY_SUBNET_LEASE_TTL]")
+    parser.add_argument("--resync-interval", type=float, default=float(env("OVERLAY_RESYNC_INTERVAL", "10")),
+                        help="longest time between full reconciles, jittered (max 10) [OVERLAY_RESYNC_INTERVAL]")
+    parser.add_argument("--no-cni-service", action="store_true", default=_env_flag("OVERLAY_NO_CNI_SERVICE"),
+                        help="do not serve the CNI plugin from this process [OVERLAY_NO_CNI_SERVICE]")
+    parser.add_argument("--log-level", default=env("OVERLAY_LOG_LEVEL", "info"), help="[OVERLAY_LOG_LEVEL]")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> DaemonSettings:
+    def path(value):
+        return Path(value) if value else None
+    try:
+        public_ip = IPv4Address(args.public_ip) if args.public_ip else None
+    except ValueError:
+        raise ConfigError("--public-ip", f"{args.public_ip!r} is not an IPv4 address") from None
+    if not 0 < args.resync_interval <= 10:
+        raise ConfigError("--resync-interval", "must be more than 0 and at most 10 seconds")
+    if args.subnet_lease_ttl < 2:
+        raise ConfigError("--subnet-lease-ttl", "must be at least 2 seconds")
+    etcd = EtcdSettings.from_flags(args.etcd_endpoints, args.etcd_prefix, path(args.etcd_cafile),
+                                   path(args.etcd_certfile), path(args.etcd_keyfile))
+    return DaemonSettings(
+        etcd=etcd, iface=args.iface, public_ip=public_ip, run_dir=Path(args.run_dir),
+        ip_masq=args.ip_masq, healthz_ip=args.healthz_ip, healthz_port=args.healthz_port,
+        lease_ttl=args.subnet_lease_ttl, resync_interval=args.resync_interval,
+        cni_service=not args.no_cni_service)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = settings_from_args(args)
+    except (ConfigError, ValueError) as exc:
+        print(f"overlayd: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(Daemon(settings).run())
+    except OverlayError as exc:
+        log.critical("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
