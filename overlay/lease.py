@@ -21,8 +21,10 @@ from .config import NetworkConfig
 from .errors import LeaseParseError, SubnetsExhausted
 
 DEFAULT_PREFIX = "/coreos.com/network"
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-_SUBNET_KEY = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3})-(\d{1,2})$")
+# Used with fullmatch: `$` would let a trailing newline through, `\d` any Unicode digit. A key must
+# be exactly what subnet_key() writes, so an unpadded prefix length only.
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+_SUBNET_KEY = re.compile(r"([0-9]{1,3}(?:\.[0-9]{1,3}){3})-(0|[1-9][0-9]?)")
 
 
 def config_key(prefix: str) -> str:
@@ -42,7 +44,7 @@ def parse_subnet_key(key: str, prefix: str) -> IPv4Network:
     head = subnets_prefix(prefix)
     if not key.startswith(head):
         raise LeaseParseError(f"{key!r} is not under {head}")
-    match = _SUBNET_KEY.match(key[len(head):])
+    match = _SUBNET_KEY.fullmatch(key[len(head):])
     if not match:
         raise LeaseParseError(f"{key!r}: expected a subnet key such as 10.244.3.0-24")
     try:
@@ -78,14 +80,17 @@ class Lease:
 def parse_lease_value(value: str | bytes) -> LeaseAttrs:
     try:
         raw = json.loads(value)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise LeaseParseError(f"lease value is not JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise LeaseParseError("lease value must be a JSON object")
     if raw.get("BackendType") != "vxlan":
         raise LeaseParseError(f"BackendType {raw.get('BackendType')!r} is not vxlan")
     try:
-        public_ip = IPv4Address(raw.get("PublicIP"))
+        # IPv4Address() would also take an integer; flanneld writes a dotted-quad string.
+        if not isinstance(raw.get("PublicIP"), str):
+            raise ValueError
+        public_ip = IPv4Address(raw["PublicIP"])
     except ValueError:
         raise LeaseParseError(f"PublicIP {raw.get('PublicIP')!r} is not an IPv4 address") from None
     data = raw.get("BackendData")
@@ -95,7 +100,7 @@ def parse_lease_value(value: str | bytes) -> LeaseAttrs:
     if not isinstance(vni, int) or isinstance(vni, bool) or not 0 < vni < (1 << 24):
         raise LeaseParseError(f"BackendData.VNI {vni!r} is not a VNI")
     mac = data.get("VtepMAC")
-    if not isinstance(mac, str) or not _MAC.match(mac.lower()):
+    if not isinstance(mac, str) or not _MAC.fullmatch(mac.lower()):
         raise LeaseParseError(f"BackendData.VtepMAC {mac!r} is not a MAC address")
     return LeaseAttrs(public_ip, vni, mac.lower())
 
@@ -109,14 +114,28 @@ def choose_subnet(config: NetworkConfig, taken: Iterable[IPv4Network],
     pick at random among the first `spread` free subnets, as flannel does, so that hosts starting
     together rarely race for the same one.
     """
-    taken = set(taken)
+    # Like flannel, a candidate is taken when it overlaps any lease, whatever that lease's length
+    # (leases from an older config with another SubnetLen still own their addresses). Leases as
+    # long as ours or longer block the one subnet of ours that holds them; the rare wider ones are
+    # checked one by one.
+    blocked: set[IPv4Network] = set()
+    wider: list[IPv4Network] = []
+    for held in taken:
+        if held.prefixlen >= config.subnet_len:
+            blocked.add(held.supernet(new_prefix=config.subnet_len))
+        else:
+            wider.append(held)
+
+    def is_free(subnet: IPv4Network) -> bool:
+        return subnet not in blocked and not any(subnet.subnet_of(held) for held in wider)
+
     for subnet in preferred:
-        if config.holds(subnet) and subnet not in taken:
+        if config.holds(subnet) and is_free(subnet):
             return subnet
     free: list[IPv4Network] = []
     for index in range(config.subnet_count):
         subnet = config.subnet_at(index)
-        if subnet not in taken:
+        if is_free(subnet):
             free.append(subnet)
             if len(free) == spread:
                 break
