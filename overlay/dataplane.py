@@ -44,6 +44,7 @@ class VxlanDevice:
     mtu: int
     mac: str
     address: IPv4Interface  # own subnet's network address /32
+    up: bool = True         # administratively up; read_state reports a downed device as False
 
     def immutable_key(self) -> tuple:
         """What the kernel cannot change on a live VXLAN device: a mismatch means recreate."""
