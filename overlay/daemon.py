@@ -126,7 +126,13 @@ class Daemon:
     async def _start(self) -> None:
         self.config = await self._wait_for_config()
         await self._acquire_lease()
+        # Ready means programmed: a first reconcile that fails (say, the underlay device is
+        # briefly missing) is retried before the subnet file tells the CNI plugin to go ahead.
+        backoff = Backoff()
         await self._reconcile_once()
+        while not self.status.in_sync:
+            await asyncio.sleep(backoff.next())
+            await self._reconcile_once()
         self._write_subnet_file()
         self.status.data_plane_ready = True
         log.info("ready: subnet %s, %d peers, %.2f s after start", self.own.subnet, len(self._programmed_peers()),
