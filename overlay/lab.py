@@ -1,0 +1,909 @@
+"""The lab: several simulated hosts, a real etcd and one overlayd per host, on one machine.
+
+Design notes
+- Everything a lab makes is named `ovl-<name>-<role>` with a name of at most 4 lowercase letters
+  and digits (so `ovl-abcd-h123` stays inside the kernel's 15-character interface limit, and no
+  lab's prefix is a prefix of another's): the underlay bridge `ovl-<name>-br` in the root
+  namespace, host namespaces `ovl-<name>-h<i>` and etcd namespaces `ovl-<name>-e<i>`, each joined
+  to the bridge by a veth whose root end has the namespace's name and whose inner end is `eth0`.
+  The name is the ownership mark: clean-up deletes exactly the namespaces and links that carry
+  `ovl-<name>-`, and kills exactly the processes living in those namespaces.
+- Underlay: one /24 of 198.18.0.0/15 (RFC 2544 benchmarking space) per lab: the bridge is .1,
+  etcd members .2.., hosts .11... The /24 is the first one that nothing in the root namespace
+  routes and no other lab's state claims; the choice and the bridge creation happen under a file
+  lock, so two `lab up` running at once cannot pick the same one. The root namespace reaches every
+  member and host directly over the bridge: `overlayctl leases --lab NAME` and the /readyz probes
+  run from here, and nothing is forwarded or NATed by the root namespace.
+- State lives in /run/overlay-lab/<name>/: state.json (what was made, written atomically, and
+  written *before* each kernel change, so a crash leaves a record of at least everything that
+  exists), etcd data, per-host run dirs (the daemons' --run-dir) and logs/. /run is a tmpfs, so a
+  reboot, which also drops namespaces and processes, drops the state too.
+- Tear-down never trusts the state: `teardown(name)` lists the `ovl-<name>-*` namespaces and links
+  that exist, kills every process inside those namespaces (`ip netns pids`: SIGTERM, then SIGKILL
+  after a grace period), deletes the root veth ends (which takes their peers along), the bridge
+  and the namespaces, then removes the state dir, and checks that nothing is left. So `down` works
+  after a crash, after a `kill -9` of everything, and after an `up` that stopped half-way (which
+  `up` itself also rolls back when it fails in-process).
+- Processes (etcd members, daemons) are started detached: own session, stdin from /dev/null,
+  output appended to a log in the state dir, pid recorded. A lab outlives the `overlayctl lab up`
+  that made it; a `Lab` object in a test is just a handle on the same state and also reaps the
+  children it started itself.
+- The network config (flannel JSON, VXLAN VNI 1, port 8472) is validated with the daemon's own
+  parser and written to etcd with etcdctl before any daemon starts, so every daemon finds it at
+  once. etcdctl rather than our client keeps the lab's mechanics independent of the code under test.
+- Waiting is polling against a deadline (`wait_until`), never a fixed sleep: readiness is the
+  daemon's /readyz; convergence is the kernel's end state (a route to every peer's subnet on the
+  VXLAN device in each host namespace); reachability is a ping over the overlay.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+
+from .config import DEFAULT_VNI, DEFAULT_VXLAN_PORT, parse_config
+from .errors import ConfigError, OverlayError
+from .etcd_server import EtcdMember, EtcdProcess, start_cluster, stop_cluster
+from .lease import DEFAULT_PREFIX, config_key
+
+LAB_ROOT = Path(os.environ.get("OVERLAY_LAB_ROOT", "/run/overlay-lab"))
+DEFAULT_LAB_NAME = "lab"
+DEFAULT_NETWORK = "10.244.0.0/16"
+UNDERLAY_POOL = IPv4Network("198.18.0.0/15")
+GATEWAY_HOST = 1          # the bridge's address in the lab's /24
+FIRST_ETCD_HOST = 2       # e1 = .2, e2 = .3, ...
+FIRST_HOST_HOST = 11      # h1 = .11, h2 = .12, ...
+MAX_HOSTS = 254 - FIRST_HOST_HOST
+HEALTHZ_PORT = 9180
+ETCD_CLIENT_PORT = 2379
+ETCD_PEER_PORT = 2380
+STATE_VERSION = 1
+HOST_IFACE = "eth0"
+
+_NAME = re.compile(r"[a-z][a-z0-9]{0,3}")
+# What a lab's own objects look like, for `down --all`: a stranger's `ovl-kt-probe` does not match.
+_OBJECT = re.compile(r"ovl-([a-z][a-z0-9]{0,3})-(?:br|h[0-9]+|e[0-9]+)")
+_RTT = re.compile(r"= [0-9.]+/([0-9.]+)/")
+
+T = TypeVar("T")
+
+
+class LabError(OverlayError):
+    """A lab could not be made, found, or cleaned up; the message says what and how to recover."""
+
+
+class LabNotFound(LabError):
+    """No state for a lab of that name."""
+
+
+# ------------------------------------------------------------------------------- small helpers
+
+def wait_until(predicate: Callable[[], T], deadline: float, what: str, interval: float = 0.1) -> T:
+    """Poll predicate until it returns something truthy (returned) or time.monotonic() > deadline.
+
+    On timeout raises LabError naming `what`. The interval is the polling period, not a wait.
+    """
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise LabError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def validate_name(name: str) -> str:
+    if not _NAME.fullmatch(name or ""):
+        raise LabError(f"lab name {name!r}: use 1 to 4 lowercase letters or digits, starting with a "
+                       f"letter (names must fit the 15-character interface limit)")
+    return name
+
+
+def _run(argv: Sequence[str], input: str | None = None, check: bool = True,
+         timeout: float = 30.0) -> subprocess.CompletedProcess:
+    result = subprocess.run(list(argv), input=input, capture_output=True, text=True, timeout=timeout,
+                            stdin=None if input is not None else subprocess.DEVNULL)
+    if check and result.returncode != 0:
+        raise LabError(f"`{' '.join(argv)}` failed ({result.returncode}): "
+                       f"{(result.stderr or result.stdout).strip()}")
+    return result
+
+
+def _ip_batch(commands: Iterable[str], netns: str | None = None, force: bool = False) -> None:
+    """Run ip commands as one `ip -batch` (one process for many changes). force: go on after errors."""
+    lines = [line for line in commands if line]
+    if not lines:
+        return
+    argv = ["ip"] + (["-n", netns] if netns else []) + (["-force"] if force else []) + ["-batch", "-"]
+    _run(argv, input="\n".join(lines) + "\n", check=not force)
+
+
+def list_netns() -> list[str]:
+    result = _run(["ip", "-j", "netns", "list"], check=False)
+    try:
+        return [entry["name"] for entry in json.loads(result.stdout or "[]")]
+    except (ValueError, KeyError, TypeError):
+        return [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
+
+
+def list_links() -> list[dict]:
+    """Links of the root namespace as `ip -j link` reports them."""
+    result = _run(["ip", "-j", "link", "show"], check=False)
+    try:
+        return json.loads(result.stdout or "[]")
+    except ValueError:
+        return []
+
+
+def netns_pids(netns: str) -> list[int]:
+    result = _run(["ip", "netns", "pids", netns], check=False)
+    return [int(word) for word in result.stdout.split() if word.isdigit()]
+
+
+def pid_alive(pid: int | None) -> bool:
+    """A process that exists and is not a zombie (a zombie holds no namespace and does nothing)."""
+    if not pid:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state letter follows the command name, which is in parentheses and may hold spaces.
+    return stat[stat.rfind(")") + 2:stat.rfind(")") + 3] not in ("Z", "X")
+
+
+def kill_pids(pids: Iterable[int], grace: float = 3.0, first_signal: int = signal.SIGTERM) -> list[int]:
+    """first_signal to every pid, SIGKILL to those still alive after grace; returns the survivors."""
+    pids = [pid for pid in set(pids) if pid_alive(pid)]
+
+    def send(signum: int, targets: Iterable[int]) -> None:
+        for pid in targets:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+            _reap(pid)
+
+    def alive() -> list[int]:
+        for pid in pids:
+            _reap(pid)
+        return [pid for pid in pids if pid_alive(pid)]
+
+    if first_signal != signal.SIGKILL:
+        send(first_signal, pids)
+        deadline = time.monotonic() + grace
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    send(signal.SIGKILL, alive())
+    deadline = time.monotonic() + 10
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive()
+
+
+def _reap(pid: int) -> None:
+    """Collect a child of ours that has exited, so it does not linger as a zombie."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@contextmanager
+def _allocation_lock() -> Iterator[None]:
+    LAB_ROOT.mkdir(parents=True, exist_ok=True)
+    with open(LAB_ROOT / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _routed_networks() -> list[IPv4Network]:
+    """Every IPv4 destination the root namespace routes or holds an address in (default excluded)."""
+    found: list[IPv4Network] = []
+    result = _run(["ip", "-j", "-4", "route", "show", "table", "all"], check=False)
+    try:
+        routes = json.loads(result.stdout or "[]")
+    except ValueError:
+        routes = []
+    for route in routes:
+        dst = route.get("dst", "")
+        if dst and dst != "default":
+            try:
+                found.append(IPv4Network(dst if "/" in dst else f"{dst}/32", strict=False))
+            except ValueError:
+                pass
+    result = _run(["ip", "-j", "-4", "addr", "show"], check=False)
+    try:
+        for link in json.loads(result.stdout or "[]"):
+            for info in link.get("addr_info", []):
+                found.append(IPv4Interface(f"{info['local']}/{info['prefixlen']}").network)
+    except (ValueError, KeyError):
+        pass
+    return found
+
+
+def _state_path(name: str) -> Path:
+    return LAB_ROOT / name / "state.json"
+
+
+def _read_state(name: str) -> dict | None:
+    try:
+        return json.loads(_state_path(name).read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        raise LabError(f"lab {name}: unreadable {_state_path(name)} ({exc}); "
+                       f"`overlayctl lab down --name {name}` still cleans up") from None
+
+
+def _claimed_underlays() -> list[IPv4Network]:
+    claimed = []
+    if LAB_ROOT.is_dir():
+        for path in LAB_ROOT.glob("*/state.json"):
+            try:
+                claimed.append(IPv4Network(json.loads(path.read_text())["underlay"]["cidr"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+    return claimed
+
+
+def _overlayd_argv() -> list[str]:
+    """The venv's console script next to this interpreter, else this interpreter running the module."""
+    script = Path(sys.executable).parent / "overlayd"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("overlayd")
+    return [found] if found else [sys.executable, "-m", "overlay.daemon"]
+
+
+# ------------------------------------------------------------------------------- lab objects
+
+@dataclass(frozen=True)
+class LabHost:
+    """One simulated host: a namespace whose eth0 is on the lab's underlay."""
+    name: str            # "h1"
+    index: int
+    netns: str           # "ovl-lab-h1"; the root end of its veth has the same name
+    public_ip: IPv4Address
+    run_dir: Path        # the daemon's --run-dir (subnet.env lives here)
+    log_path: Path
+
+    @property
+    def link(self) -> str:
+        return self.netns
+
+    def url(self, path: str, port: int = HEALTHZ_PORT) -> str:
+        return f"http://{self.public_ip}:{port}{path}"
+
+    def to_state(self) -> dict:
+        return {"name": self.name, "index": self.index, "netns": self.netns,
+                "public_ip": str(self.public_ip), "run_dir": str(self.run_dir),
+                "log": str(self.log_path)}
+
+    @classmethod
+    def from_state(cls, raw: dict) -> "LabHost":
+        return cls(raw["name"], raw["index"], raw["netns"], IPv4Address(raw["public_ip"]),
+                   Path(raw["run_dir"]), Path(raw["log"]))
+
+
+@dataclass(frozen=True)
+class LabEtcdMember:
+    name: str            # "e1"
+    netns: str
+    ip: IPv4Address
+    data_dir: Path
+
+    @property
+    def client_url(self) -> str:
+        return f"http://{self.ip}:{ETCD_CLIENT_PORT}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.ip}:{ETCD_PEER_PORT}"
+
+    def member(self) -> EtcdMember:
+        return EtcdMember(self.name, self.client_url, self.peer_url, self.data_dir, netns=self.netns)
+
+
+class Lab:
+    """A handle on the lab called `name`: make it (`up`), drive it, and always `down` it.
+
+    A context manager: leaving the `with` block tears the lab down, also on an exception.
+    Not thread-safe; state.json is re-read by every `Lab` made for the same name.
+    """
+
+    def __init__(self, name: str = DEFAULT_LAB_NAME, daemon_argv: Sequence[str] | None = None):
+        self.name = validate_name(name)
+        self.state_dir = LAB_ROOT / name
+        self.daemon_argv = list(daemon_argv) if daemon_argv else _overlayd_argv()
+        self.etcd_processes: list[EtcdProcess] = []       # only for members this object started
+        self._daemons: dict[str, subprocess.Popen] = {}  # only for daemons this object started
+        self._state: dict | None = _read_state(name)
+
+    # ---------------------------------------------------------------- context manager
+
+    def __enter__(self) -> "Lab":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.down()
+
+    @classmethod
+    def load(cls, name: str = DEFAULT_LAB_NAME) -> "Lab":
+        lab = cls(name)
+        if lab._state is None:
+            raise LabNotFound(f"no lab named {name!r} (no {_state_path(name)}); "
+                              f"start one with `overlayctl lab up --name {name}`")
+        return lab
+
+    # ---------------------------------------------------------------- what the lab holds
+
+    @property
+    def state(self) -> dict:
+        if self._state is None:
+            raise LabNotFound(f"lab {self.name!r} is not up")
+        return self._state
+
+    @property
+    def exists(self) -> bool:
+        return self._state is not None
+
+    @property
+    def prefix(self) -> str:
+        return self.state["prefix"]
+
+    @property
+    def bridge(self) -> str:
+        return f"ovl-{self.name}-br"
+
+    @property
+    def underlay(self) -> IPv4Network:
+        return IPv4Network(self.state["underlay"]["cidr"])
+
+    @property
+    def gateway(self) -> IPv4Address:
+        return IPv4Address(self.state["underlay"]["gateway"])
+
+    @property
+    def hosts(self) -> list[LabHost]:
+        return [LabHost.from_state(raw) for raw in self.state["hosts"]]
+
+    @property
+    def etcd_members(self) -> list[LabEtcdMember]:
+        return [LabEtcdMember(raw["name"], raw["netns"], IPv4Address(raw["ip"]), Path(raw["data_dir"]))
+                for raw in self.state["etcd"]["members"]]
+
+    @property
+    def etcd_endpoints(self) -> list[str]:
+        return [member.client_url for member in self.etcd_members]
+
+    @property
+    def vxlan_device(self) -> str:
+        return parse_config(self.state["network_config"]).backend.device_name
+
+    def host(self, which: "str | int | LabHost") -> LabHost:
+        """A host by name ("h1"), namespace ("ovl-lab-h1"), index (1) or LabHost."""
+        if isinstance(which, LabHost):
+            return which
+        for host in self.hosts:
+            if which in (host.name, host.netns, host.index):
+                return host
+        raise LabError(f"lab {self.name}: no host {which!r} "
+                       f"(hosts: {', '.join(host.name for host in self.hosts) or 'none'})")
+
+    def etcd_settings(self):
+        """EtcdSettings for a client in the root namespace (reaches the members over the bridge)."""
+        from .etcd import EtcdSettings
+        return EtcdSettings.from_flags(",".join(self.etcd_endpoints), self.prefix, None, None, None)
+
+    # ---------------------------------------------------------------- up
+
+    def up(self, hosts: int = 3, etcd_members: int = 1, network: str = DEFAULT_NETWORK,
+           subnet_lease_ttl: int | None = None, network_config: str | None = None,
+           start_daemons: bool = True, daemon_args: Sequence[str] = (),
+           prefix: str = DEFAULT_PREFIX, etcd_timeout: float = 30.0) -> "Lab":
+        """Make the underlay, start etcd, store the network config, make hosts, start daemons.
+
+        Returns once the daemons are started (see wait_ready). Any failure rolls back everything
+        made so far before the error propagates. network_config, when given, is stored verbatim
+        instead of the config built from `network` (it is still validated first).
+        """
+        if os.geteuid() != 0:
+            raise LabError("the lab needs root (network namespaces, veth, bridge)")
+        if not 0 <= hosts <= MAX_HOSTS:
+            raise LabError(f"--hosts must be between 0 and {MAX_HOSTS}")
+        if not 1 <= etcd_members <= FIRST_HOST_HOST - FIRST_ETCD_HOST:
+            raise LabError("etcd members: 1 or 3 (at most 9)")
+        for tool in ("ip", "etcd", "etcdctl"):
+            if shutil.which(tool) is None:
+                raise LabError(f"{tool} not found on PATH (run scripts/bootstrap, or `make demo`)")
+        raw_config = network_config or json.dumps(
+            {"Network": network, "Backend": {"Type": "vxlan", "VNI": DEFAULT_VNI, "Port": DEFAULT_VXLAN_PORT}})
+        try:
+            parse_config(raw_config)
+        except ConfigError as exc:
+            raise LabError(f"network config refused: {exc}") from None
+        leftovers = self.leftovers()
+        if self._state is not None or leftovers:
+            raise LabError(f"lab {self.name!r} already exists ({', '.join(leftovers) or self.state_dir}); "
+                           f"take it down first: overlayctl lab down --name {self.name}")
+        try:
+            with _allocation_lock():
+                underlay = self._choose_underlay()
+                self.state_dir.mkdir(parents=True, exist_ok=True)
+                (self.state_dir / "logs").mkdir(exist_ok=True)
+                self._state = {
+                    "version": STATE_VERSION, "name": self.name, "phase": "creating",
+                    "created": time.time(), "prefix": prefix, "network_config": raw_config,
+                    "underlay": {"cidr": str(underlay), "bridge": self.bridge,
+                                 "gateway": str(underlay.network_address + GATEWAY_HOST)},
+                    "daemon": {"argv": self.daemon_argv, "subnet_lease_ttl": subnet_lease_ttl,
+                               "extra_args": list(daemon_args), "healthz_port": HEALTHZ_PORT},
+                    "etcd": {"members": [], "pids": {}},
+                    "hosts": [],
+                }
+                self._save()
+                _ip_batch([f"link add {self.bridge} type bridge",
+                           f"addr add {self.gateway}/{underlay.prefixlen} dev {self.bridge}",
+                           f"link set {self.bridge} up"])
+            self._start_etcd(etcd_members, etcd_timeout)
+            self.put_config(raw_config)
+            self._make_hosts(hosts)
+            if start_daemons:
+                for host in self.hosts:
+                    self.start_daemon(host)
+            self.state["phase"] = "up"
+            self._save()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def _choose_underlay(self) -> IPv4Network:
+        taken = _routed_networks() + _claimed_underlays()
+        for candidate in UNDERLAY_POOL.subnets(new_prefix=24):
+            if not any(candidate.overlaps(network) for network in taken):
+                return candidate
+        raise LabError(f"every /24 of {UNDERLAY_POOL} is in use; take a lab down (overlayctl lab down --all)")
+
+    def _address(self, host_part: int) -> IPv4Address:
+        return self.underlay.network_address + host_part
+
+    def _plug(self, endpoints: Sequence[tuple[str, IPv4Address]]) -> None:
+        """Make a namespace per (name, address), with eth0 on the bridge and a default route."""
+        root = []
+        for netns, _ in endpoints:
+            root += [f"netns add {netns}",
+                     f"link add {netns} type veth peer name {HOST_IFACE} netns {netns}",
+                     f"link set {netns} master {self.bridge} up"]
+        _ip_batch(root)
+        for netns, address in endpoints:
+            _ip_batch([f"link set lo up",
+                       f"addr add {address}/{self.underlay.prefixlen} dev {HOST_IFACE}",
+                       f"link set {HOST_IFACE} up",
+                       f"route add default via {self.gateway}"], netns=netns)
+
+    def _start_etcd(self, count: int, timeout: float) -> None:
+        members = [LabEtcdMember(f"e{index}", f"ovl-{self.name}-e{index}",
+                                 self._address(FIRST_ETCD_HOST + index - 1),
+                                 self.state_dir / "etcd" / f"e{index}.etcd")
+                   for index in range(1, count + 1)]
+        self.state["etcd"]["members"] = [{"name": m.name, "netns": m.netns, "ip": str(m.ip),
+                                          "data_dir": str(m.data_dir)} for m in members]
+        self._save()
+        self._plug([(member.netns, member.ip) for member in members])
+        self.etcd_processes = start_cluster([member.member() for member in members],
+                                            self.state_dir / "logs", timeout=timeout,
+                                            cluster_token=f"ovl-{self.name}-{os.urandom(4).hex()}")
+        self.state["etcd"]["pids"] = {process.member.name: process.pid for process in self.etcd_processes}
+        self._save()
+
+    def put_config(self, raw_config: str) -> None:
+        """Store a network config (verbatim, not validated: tests store bad ones on purpose)."""
+        _run(["etcdctl", "--endpoints", ",".join(self.etcd_endpoints), "--command-timeout", "5s",
+              "put", config_key(self.prefix), raw_config], timeout=15)
+        self.state["network_config"] = raw_config
+        self._save()
+
+    def etcdctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Run etcdctl (v3) against the lab's etcd from the root namespace."""
+        return _run(["etcdctl", "--endpoints", ",".join(self.etcd_endpoints), "--command-timeout", "5s",
+                     *args], check=check, timeout=15)
+
+    def _make_hosts(self, count: int) -> list[LabHost]:
+        used = {host.index for host in self.hosts}
+        indices = []
+        index = 1
+        while len(indices) < count:
+            if index not in used:
+                indices.append(index)
+            index += 1
+        if indices and indices[-1] > MAX_HOSTS:
+            raise LabError(f"lab {self.name}: at most {MAX_HOSTS} hosts")
+        made = [LabHost(f"h{index}", index, f"ovl-{self.name}-h{index}",
+                        self._address(FIRST_HOST_HOST + index - 1),
+                        self.state_dir / f"h{index}", self.state_dir / "logs" / f"h{index}-overlayd.log")
+                for index in indices]
+        # Recorded before the namespaces exist: a crash in between leaves a record, not an orphan.
+        self.state["hosts"] += [host.to_state() for host in made]
+        self._save()
+        self._plug([(host.netns, host.public_ip) for host in made])
+        for host in made:
+            host.run_dir.mkdir(parents=True, exist_ok=True)
+        return made
+
+    def add_host(self, start_daemon: bool = True) -> LabHost:
+        """One more host (the lowest free index), with its daemon started unless told otherwise."""
+        host = self._make_hosts(1)[0]
+        if start_daemon:
+            self.start_daemon(host)
+        return host
+
+    def remove_host(self, which: "str | int | LabHost") -> None:
+        """Stop the host's daemon and delete its namespace and link. Its lease stays in etcd until
+        its TTL runs out, as when a real host dies."""
+        host = self.host(which)
+        kill_pids(netns_pids(host.netns))
+        self._daemons.pop(host.name, None)
+        _ip_batch([f"link del {host.link}", f"netns del {host.netns}"], force=True)
+        shutil.rmtree(host.run_dir, ignore_errors=True)
+        self.state["hosts"] = [raw for raw in self.state["hosts"] if raw["name"] != host.name]
+        self._save()
+
+    # ---------------------------------------------------------------- daemons
+
+    def daemon_command(self, host: LabHost, extra_args: Sequence[str] = ()) -> list[str]:
+        daemon = self.state["daemon"]
+        argv = ["ip", "netns", "exec", host.netns, *daemon.get("argv", self.daemon_argv),
+                "--etcd-endpoints", ",".join(self.etcd_endpoints),
+                "--etcd-prefix", self.prefix,
+                "--iface", HOST_IFACE,
+                "--public-ip", str(host.public_ip),
+                "--run-dir", str(host.run_dir),
+                "--ip-masq",
+                "--healthz-ip", str(host.public_ip),
+                "--healthz-port", str(daemon.get("healthz_port", HEALTHZ_PORT))]
+        if daemon.get("subnet_lease_ttl"):
+            argv += ["--subnet-lease-ttl", str(daemon["subnet_lease_ttl"])]
+        return argv + list(daemon.get("extra_args", [])) + list(extra_args)
+
+    def start_daemon(self, which: "str | int | LabHost", extra_args: Sequence[str] = ()) -> int:
+        """Start overlayd in the host's namespace, detached; returns its pid."""
+        host = self.host(which)
+        if pid_alive(self.daemon_pid(host)):
+            raise LabError(f"{host.name}: overlayd is already running (pid {self.daemon_pid(host)})")
+        argv = self.daemon_command(host, extra_args)
+        host.run_dir.mkdir(parents=True, exist_ok=True)
+        host.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # The operator's OVERLAY_* settings are for their own daemon, not the lab's.
+        env = {key: value for key, value in os.environ.items() if not key.startswith("OVERLAY_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        with open(host.log_path, "ab") as log:
+            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} lab: {' '.join(argv)}\n".encode())
+            log.flush()
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                       env=env, cwd="/", start_new_session=True)
+        self._daemons[host.name] = process
+        self._set_host_field(host, "daemon_pid", process.pid)
+        return process.pid
+
+    def daemon_pid(self, which: "str | int | LabHost") -> int | None:
+        host = self.host(which)
+        raw = next(raw for raw in self.state["hosts"] if raw["name"] == host.name)
+        pid = raw.get("daemon_pid")
+        child = self._daemons.get(host.name)
+        if child is not None and child.pid == pid:
+            child.poll()  # reap it if it has exited
+        return pid if pid_alive(pid) else None
+
+    def stop_daemon(self, which: "str | int | LabHost", sig: int = signal.SIGTERM,
+                    timeout: float = 10.0) -> None:
+        """Send sig to the host's daemon and wait until it is gone (SIGKILL after timeout)."""
+        host = self.host(which)
+        pid = self.daemon_pid(host)
+        if pid is not None:
+            survivors = kill_pids([pid], grace=timeout, first_signal=sig)
+            if survivors:
+                raise LabError(f"{host.name}: overlayd pid {pid} survived SIGKILL")
+        child = self._daemons.pop(host.name, None)
+        if child is not None:
+            child.poll()
+        self._set_host_field(host, "daemon_pid", None)
+
+    def kill_daemon(self, which: "str | int | LabHost") -> None:
+        """SIGKILL, as a crash would: no clean shutdown."""
+        self.stop_daemon(which, sig=signal.SIGKILL)
+
+    def restart(self, which: "str | int | LabHost", extra_args: Sequence[str] = ()) -> int:
+        """Stop the host's daemon (SIGTERM, leaving its data plane) and start it again."""
+        self.stop_daemon(which)
+        return self.start_daemon(which, extra_args)
+
+    def daemon_log(self, which: "str | int | LabHost", lines: int = 30) -> str:
+        return _log_tail(self.host(which).log_path, lines)
+
+    def _set_host_field(self, host: LabHost, field: str, value: Any) -> None:
+        for raw in self.state["hosts"]:
+            if raw["name"] == host.name:
+                raw[field] = value
+        self._save()
+
+    # ---------------------------------------------------------------- observing
+
+    def exec(self, which: "str | int | LabHost", argv: Sequence[str], check: bool = False,
+             timeout: float = 30.0, input: str | None = None) -> subprocess.CompletedProcess:
+        """Run argv inside the host's namespace; text output captured."""
+        host = self.host(which)
+        return _run(["ip", "netns", "exec", host.netns, *argv], input=input, check=check, timeout=timeout)
+
+    def subnet(self, which: "str | int | LabHost") -> IPv4Network | None:
+        """The host's subnet from its subnet.env, or None before the daemon wrote it."""
+        from .subnetfile import read_subnet_file
+        try:
+            return read_subnet_file(self.host(which).run_dir).subnet.network
+        except (OSError, ValueError):
+            return None
+
+    def overlay_address(self, which: "str | int | LabHost") -> IPv4Address | None:
+        """The address of the host's VXLAN device: its subnet's network address (as flannel)."""
+        subnet = self.subnet(which)
+        return subnet.network_address if subnet else None
+
+    def ready(self, which: "str | int | LabHost", timeout: float = 1.0) -> bool:
+        """The daemon's /readyz answers 200."""
+        host = self.host(which)
+        try:
+            with urllib.request.urlopen(host.url("/readyz", self.state["daemon"].get("healthz_port", HEALTHZ_PORT)),
+                                        timeout=timeout) as response:
+                return response.status == 200
+        except (OSError, urllib.error.URLError, ValueError):
+            return False
+
+    def status(self) -> dict:
+        """What `lab status --json` prints."""
+        hosts = self.hosts
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(hosts)))) as pool:
+            readiness = list(pool.map(self.ready, hosts))
+        vxlan_device = self.vxlan_device
+        members = self.etcd_members
+        pids = self.state["etcd"].get("pids", {})
+        return {
+            "name": self.name,
+            "phase": self.state.get("phase"),
+            "state_dir": str(self.state_dir),
+            "underlay": dict(self.state["underlay"]),
+            "network_config": json.loads(self.state["network_config"]),
+            "etcd": {
+                "endpoints": self.etcd_endpoints,
+                "netns": [member.netns for member in members],
+                "prefix": self.prefix,
+                "members": [{"name": member.name, "netns": member.netns, "client_url": member.client_url,
+                             "pid": pids.get(member.name) if pid_alive(pids.get(member.name)) else None}
+                            for member in members],
+            },
+            "hosts": [{
+                "name": host.name,
+                "netns": host.netns,
+                "public_ip": str(host.public_ip),
+                "subnet": str(subnet) if (subnet := self.subnet(host)) else None,
+                "vxlan_device": vxlan_device,
+                "daemon_pid": self.daemon_pid(host),
+                "ready": ready,
+                "run_dir": str(host.run_dir),
+                "log": str(host.log_path),
+                "containers": [],
+            } for host, ready in zip(hosts, readiness)],
+        }
+
+    def wait_ready(self, hosts: Iterable["str | int | LabHost"] | None = None,
+                   deadline: float | None = None, timeout: float = 60.0) -> float:
+        """Poll /readyz of each host until all answer 200; returns seconds waited.
+
+        A daemon that exits meanwhile fails the wait at once, with its log tail.
+        """
+        started = time.monotonic()
+        deadline = deadline if deadline is not None else started + timeout
+        pending = [self.host(which) for which in (hosts if hosts is not None else self.hosts)]
+        while pending:
+            with ThreadPoolExecutor(max_workers=max(1, min(16, len(pending)))) as pool:
+                readiness = list(pool.map(self.ready, pending))
+            pending = [host for host, ready in zip(pending, readiness) if not ready]
+            for host in pending:
+                if self.daemon_pid(host) is None:
+                    raise LabError(f"{host.name}: overlayd is not running; log {host.log_path}:\n"
+                                   f"{self.daemon_log(host)}")
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                raise LabError(f"not ready after {time.monotonic() - started:.0f} s: "
+                               f"{', '.join(host.name for host in pending)}; last log lines of "
+                               f"{pending[0].name}:\n{self.daemon_log(pending[0])}")
+            time.sleep(0.1)
+        return time.monotonic() - started
+
+    def overlay_routes(self, which: "str | int | LabHost") -> set[IPv4Network]:
+        """Destinations routed over the VXLAN device in the host's namespace."""
+        host = self.host(which)
+        result = _run(["ip", "-n", host.netns, "-j", "-4", "route", "show", "dev", self.vxlan_device],
+                      check=False)
+        try:
+            return {IPv4Network(route["dst"]) for route in json.loads(result.stdout or "[]")
+                    if "/" in route.get("dst", "")}
+        except (ValueError, KeyError):
+            return set()
+
+    def converged(self, hosts: Iterable["str | int | LabHost"] | None = None) -> bool:
+        """Every host has its subnet and a route over VXLAN to every other host's subnet."""
+        chosen = [self.host(which) for which in (hosts if hosts is not None else self.hosts)]
+        subnets = {host.name: self.subnet(host) for host in chosen}
+        if any(subnet is None for subnet in subnets.values()):
+            return False
+        for host in chosen:
+            wanted = {subnet for name, subnet in subnets.items() if name != host.name}
+            if not wanted <= self.overlay_routes(host):
+                return False
+        return True
+
+    def wait_converged(self, hosts: Iterable["str | int | LabHost"] | None = None,
+                       deadline: float | None = None, timeout: float = 60.0) -> float:
+        """wait_ready, then poll until every host routes to every other's subnet; returns seconds."""
+        started = time.monotonic()
+        deadline = deadline if deadline is not None else started + timeout
+        chosen = list(hosts) if hosts is not None else None
+        self.wait_ready(chosen, deadline=deadline)
+        wait_until(lambda: self.converged(chosen), deadline, "every host to route to every other's subnet")
+        return time.monotonic() - started
+
+    def ping(self, source: "str | int | LabHost", destination: IPv4Address | str,
+             count: int = 1, wait: float = 1.0) -> float | None:
+        """Ping from a host's namespace; the average round trip in ms, or None when unanswered."""
+        result = self.exec(source, ["ping", "-n", "-q", "-c", str(count), "-W", str(wait), str(destination)],
+                           timeout=count * wait + 10)
+        if result.returncode != 0:
+            return None
+        match = _RTT.search(result.stdout)
+        return float(match.group(1)) if match else 0.0
+
+    def reachability(self, hosts: Iterable["str | int | LabHost"] | None = None,
+                     attempts: int = 3) -> dict[tuple[str, str], float | None]:
+        """Ping from every host to every host's overlay address; {(from, to): rtt ms or None}.
+
+        A pair that fails is tried again up to `attempts` times (one lost echo on a busy machine
+        is not a broken overlay)."""
+        chosen = [self.host(which) for which in (hosts if hosts is not None else self.hosts)]
+        targets = {host.name: self.overlay_address(host) for host in chosen}
+        pairs = [(source, destination) for source in chosen for destination in chosen]
+        results: dict[tuple[str, str], float | None] = {}
+
+        def probe(pair: tuple[LabHost, LabHost]) -> float | None:
+            source, destination = pair
+            target = targets[destination.name]
+            if target is None:
+                return None
+            for _ in range(attempts):
+                rtt = self.ping(source, target)
+                if rtt is not None:
+                    return rtt
+            return None
+
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(pairs)))) as pool:
+            for (source, destination), rtt in zip(pairs, pool.map(probe, pairs)):
+                results[(source.name, destination.name)] = rtt
+        return results
+
+    # ---------------------------------------------------------------- down
+
+    def leftovers(self) -> list[str]:
+        """Namespaces and root links of this lab that exist now."""
+        return _existing(f"ovl-{self.name}-")
+
+    def down(self) -> None:
+        """Remove everything of this lab; works from any state, idempotent."""
+        for process in self._daemons.values():
+            process.poll()
+        try:
+            teardown(self.name)
+        finally:
+            # Reap what this object started (teardown has killed them), so no zombie stays.
+            if self.etcd_processes:
+                stop_cluster(self.etcd_processes, timeout=0.1)
+            for process in self._daemons.values():
+                if process.poll() is None:
+                    process.kill()
+                process.wait()
+            self.etcd_processes = []
+            self._daemons = {}
+            self._state = None
+
+    def _save(self) -> None:
+        path = _state_path(self.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".state.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self._state, indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------- module functions
+
+def teardown(name: str, grace: float = 3.0) -> list[str]:
+    """Remove lab `name` from what exists, not from what its state says; returns what was removed.
+
+    Order matters: processes first (a namespace with a live process in it outlives `netns del`),
+    then the root veth ends (each takes its peer in the namespace along), the bridge, the
+    namespaces, and last the state dir, so a crash part-way leaves something `down` finds again.
+    """
+    validate_name(name)
+    mark = f"ovl-{name}-"
+    namespaces = [netns for netns in list_netns() if netns.startswith(mark)]
+    pids = [pid for netns in namespaces for pid in netns_pids(netns)]
+    survivors = kill_pids(pids, grace=grace)
+    if survivors:
+        raise LabError(f"lab {name}: processes {survivors} survived SIGKILL")
+    links = [link for link in list_links() if link.get("ifname", "").startswith(mark)]
+    # Veths before the bridge they are enslaved to; names tell them apart (only ours carry the mark).
+    ifnames = sorted((link["ifname"] for link in links), key=lambda ifname: ifname.endswith("-br"))
+    _ip_batch([f"link del {ifname}" for ifname in ifnames]
+              + [f"netns del {netns}" for netns in namespaces], force=True)
+    shutil.rmtree(LAB_ROOT / name, ignore_errors=True)
+    # Deleting a veth is synchronous, but a namespace's devices go in a kernel work queue once its
+    # last reference is dropped: poll until nothing of the lab is listed any more.
+    deadline = time.monotonic() + 10
+    while left := _existing(mark):
+        if time.monotonic() > deadline:
+            raise LabError(f"lab {name}: could not remove {', '.join(left)}")
+        time.sleep(0.05)
+    return sorted(set(namespaces) | {link["ifname"] for link in links})
+
+
+def _existing(mark: str) -> list[str]:
+    """Namespaces and root links whose names start with mark."""
+    return sorted({netns for netns in list_netns() if netns.startswith(mark)}
+                  | {link["ifname"] for link in list_links() if link.get("ifname", "").startswith(mark)})
+
+
+def lab_names() -> list[str]:
+    """Every lab with state or with leftover namespaces or links on this machine."""
+    names = set()
+    if LAB_ROOT.is_dir():
+        names |= {path.parent.name for path in LAB_ROOT.glob("*/state.json") if _NAME.fullmatch(path.parent.name)}
+        names |= {path.name for path in LAB_ROOT.iterdir() if path.is_dir() and _NAME.fullmatch(path.name)}
+    for candidate in list_netns() + [link.get("ifname", "") for link in list_links()]:
+        match = _OBJECT.fullmatch(candidate)
+        if match:
+            names.add(match.group(1))
+    return sorted(names)
+
+
+def teardown_all() -> dict[str, list[str]]:
+    """`lab down --all`: every lab's leftovers, whatever state they are in."""
+    return {name: teardown(name) for name in lab_names()}
+
+
+def lab_etcd_settings(name: str = DEFAULT_LAB_NAME):
+    """EtcdSettings reaching the etcd of running lab `name` from the root namespace."""
+    return Lab.load(name).etcd_settings()

@@ -1,0 +1,186 @@
+"""`overlayctl lab`: several simulated hosts on this machine (see overlay/lab.py for the design).
+
+    overlayctl lab up --hosts 3 [--etcd-members 1|3] [--name lab] [--network 10.244.0.0/16]
+                      [--subnet-lease-ttl S] [--no-wait]
+    overlayctl lab status [--name lab] [--json]
+    overlayctl lab restart HOST [--name lab]
+    overlayctl lab down [--name lab | --all]
+    overlayctl lab demo [--name lab]          (what `make demo` runs)
+
+The commands are thin: every step is a `Lab` method, so tests and benchmarks drive the same code.
+A lab outlives the command that made it; `lab down` removes it from whatever state it is in.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from .lab import (DEFAULT_LAB_NAME, DEFAULT_NETWORK, Lab, LabError, LabNotFound, lab_names, teardown,
+                  teardown_all)
+
+_name_option = click.option("--name", default=DEFAULT_LAB_NAME, show_default=True,
+                            help="lab name, 1-4 lowercase letters or digits")
+
+
+def _fail(exc: Exception) -> None:
+    raise click.ClickException(str(exc))
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def _load(name: str) -> Lab:
+    try:
+        return Lab.load(name)
+    except LabNotFound as exc:
+        others = [other for other in lab_names() if other != name]
+        hint = f" (labs on this machine: {', '.join(others)})" if others else ""
+        raise click.ClickException(f"{exc}{hint}") from None
+    except LabError as exc:
+        _fail(exc)
+
+
+@click.group()
+def lab() -> None:
+    """Simulated hosts (network namespaces) on a bridge, a real etcd, one overlayd per host."""
+
+
+@lab.command()
+@click.option("--hosts", default=3, show_default=True, type=click.IntRange(0, 243), help="simulated hosts")
+@click.option("--etcd-members", default="1", show_default=True, type=click.Choice(["1", "3"]),
+              help="etcd cluster size")
+@_name_option
+@click.option("--network", default=DEFAULT_NETWORK, show_default=True, help="the overlay network (flannel Network)")
+@click.option("--subnet-lease-ttl", type=click.IntRange(2), default=None,
+              help="seconds a subnet lease lives unless renewed (daemon default: 24 h)")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="wait until every daemon is ready")
+@click.option("--timeout", default=90.0, show_default=True, help="seconds to wait for readiness")
+def up(hosts: int, etcd_members: str, name: str, network: str, subnet_lease_ttl: int | None,
+       wait: bool, timeout: float) -> None:
+    """Make the lab: underlay bridge, etcd, hosts, one overlayd each."""
+    started = time.monotonic()
+    try:
+        handle = Lab(name)
+        handle.up(hosts=hosts, etcd_members=int(etcd_members), network=network,
+                  subnet_lease_ttl=subnet_lease_ttl)
+    except LabError as exc:
+        _fail(exc)
+    click.echo(f"lab {name}: underlay {handle.underlay} on {handle.bridge}, etcd {','.join(handle.etcd_endpoints)}, "
+               f"{hosts} host(s) started in {time.monotonic() - started:.1f} s")
+    if wait and hosts:
+        try:
+            handle.wait_converged(timeout=timeout)
+        except LabError as exc:
+            raise click.ClickException(f"{exc}\nThe lab is left up for inspection (logs in "
+                                       f"{handle.state_dir / 'logs'}); remove it with: overlayctl lab down "
+                                       f"--name {name}") from None
+        click.echo(f"all {hosts} daemons ready and routing to each other "
+                   f"{time.monotonic() - started:.1f} s after `lab up` began")
+    click.echo(f"see: overlayctl lab status --name {name}; remove: overlayctl lab down --name {name}")
+
+
+@lab.command()
+@_name_option
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def status(name: str, as_json: bool) -> None:
+    """Hosts, subnets, daemons and etcd of a lab."""
+    handle = _load(name)
+    report = handle.status()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    etcd = report["etcd"]
+    click.echo(f"lab {name} ({report['phase']}): underlay {report['underlay']['cidr']} on "
+               f"{report['underlay']['bridge']}; etcd {','.join(etcd['endpoints'])} prefix {etcd['prefix']}")
+    rows = [["HOST", "NETNS", "PUBLIC IP", "SUBNET", "DEVICE", "DAEMON PID", "READY"]]
+    for host in report["hosts"]:
+        rows.append([host["name"], host["netns"], host["public_ip"], host["subnet"] or "-", host["vxlan_device"],
+                     str(host["daemon_pid"] or "not running"), "yes" if host["ready"] else "no"])
+    click.echo(_table(rows))
+
+
+@lab.command()
+@click.argument("host")
+@_name_option
+@click.option("--wait/--no-wait", default=True, show_default=True, help="wait until the daemon is ready again")
+@click.option("--timeout", default=60.0, show_default=True)
+def restart(host: str, name: str, wait: bool, timeout: float) -> None:
+    """Restart HOST's daemon (SIGTERM leaves its data plane in place), e.g. `lab restart h2`."""
+    handle = _load(name)
+    try:
+        started = time.monotonic()
+        pid = handle.restart(host)
+        click.echo(f"{handle.host(host).name}: overlayd restarted, pid {pid}")
+        if wait:
+            handle.wait_ready([host], timeout=timeout)
+            click.echo(f"{handle.host(host).name}: ready {time.monotonic() - started:.1f} s after the restart began")
+    except LabError as exc:
+        _fail(exc)
+
+
+@lab.command()
+@_name_option
+@click.option("--all", "every", is_flag=True, help="remove every lab and every lab leftover on this machine")
+def down(name: str, every: bool) -> None:
+    """Remove a lab: processes, namespaces, links, state. Works after a crash too."""
+    try:
+        removed = teardown_all() if every else {name: teardown(name)}
+    except LabError as exc:
+        _fail(exc)
+    for lab_name, objects in removed.items():
+        click.echo(f"lab {lab_name}: removed {len(objects)} namespace(s)/link(s)")
+    if not removed:
+        click.echo("no lab found")
+
+
+@lab.command()
+@_name_option
+@click.option("--hosts", default=3, show_default=True, type=click.IntRange(2, 20))
+@click.option("--timeout", default=120.0, show_default=True, help="seconds to wait for the overlay to converge")
+@click.pass_context
+def demo(ctx: click.Context, name: str, hosts: int, timeout: float) -> None:
+    """Bring up a fresh lab, show its leases and host-to-host reachability over the overlay."""
+    started = time.monotonic()
+    try:
+        removed = teardown(name)
+        if removed:
+            click.echo(f"removed a leftover lab {name} ({len(removed)} namespaces/links)")
+        click.echo(f"starting lab {name}: etcd and {hosts} hosts, each running overlayd ...")
+        handle = Lab(name).up(hosts=hosts)
+        click.echo(f"  underlay {handle.underlay} on bridge {handle.bridge}; etcd at {','.join(handle.etcd_endpoints)}")
+        for host in handle.hosts:
+            click.echo(f"  {host.name}: namespace {host.netns}, eth0 {host.public_ip}, log {host.log_path}")
+        handle.wait_converged(timeout=timeout)
+    except LabError as exc:
+        raise click.ClickException(f"{exc}\nInspect with `overlayctl lab status --name {name}`; "
+                                   f"remove with `overlayctl lab down --name {name}`") from None
+    click.echo(f"all {hosts} hosts ready and routing to each other after {time.monotonic() - started:.1f} s\n")
+
+    click.echo(f"leases in etcd (overlayctl leases --lab {name}):")
+    from .cli import leases
+    ctx.invoke(leases, lab_name=name)
+
+    matrix = handle.reachability()
+    click.echo("\nreachability over the overlay: ping from the row host's namespace to the column "
+               "host's VXLAN address")
+    names = [host.name for host in handle.hosts]
+    rows = [["FROM \\ TO"] + [f"{host} {handle.overlay_address(host)}" for host in names]]
+    for source in names:
+        rows.append([source] + [f"{rtt:.2f} ms" if (rtt := matrix[(source, destination)]) is not None else "FAIL"
+                                for destination in names])
+    click.echo(_table(rows))
+    failures = [pair for pair, rtt in matrix.items() if rtt is None]
+    click.echo(f"\n{len(matrix) - len(failures)}/{len(matrix)} pairs reachable. The lab is still up; try:\n"
+               f"  overlayctl lab status --name {name}\n"
+               f"  ip netns exec {handle.hosts[0].netns} ip route show dev {handle.vxlan_device}\n"
+               f"  overlayctl lab restart h2 --name {name}\n"
+               f"take it down with: overlayctl lab down --name {name}   (or: make lab-down)")
+    if failures:
+        click.echo(f"unreachable: {', '.join(f'{a}->{b}' for a, b in failures)}", err=True)
+        sys.exit(1)
