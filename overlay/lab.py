@@ -204,6 +204,13 @@ def _reap(pid: int) -> None:
         pass
 
 
+def _command_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _log_tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -861,7 +868,11 @@ def teardown(name: str, grace: float = 3.0) -> list[str]:
     mark = f"ovl-{name}-"
     namespaces = [netns for netns in list_netns() if netns.startswith(mark)]
     pids = [pid for netns in namespaces for pid in netns_pids(netns)]
-    survivors = kill_pids(pids, grace=grace)
+    # etcd gets SIGKILL at once: its data is deleted next, and a member that loses quorum can
+    # sit on SIGTERM for seconds. Everything else (daemons) gets a chance to stop cleanly.
+    etcd = [pid for pid in pids if _command_name(pid) == "etcd"]
+    survivors = kill_pids(etcd, first_signal=signal.SIGKILL)
+    survivors += kill_pids([pid for pid in pids if pid not in etcd], grace=grace)
     if survivors:
         raise LabError(f"lab {name}: processes {survivors} survived SIGKILL")
     links = [link for link in list_links() if link.get("ifname", "").startswith(mark)]
