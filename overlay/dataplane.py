@@ -151,6 +151,9 @@ class Plan:
     replace_neighbours: tuple[Neighbour, ...] = ()
     replace_fdb: tuple[FdbEntry, ...] = ()
     replace_routes: tuple[Route, ...] = ()
+    # The VXLAN device the neighbour and FDB changes belong to; set by plan() even when the
+    # device itself needs no change. Not part of equality: it names the target, not a change.
+    device_name: str = field(default="", compare=False)
 
     @property
     def empty(self) -> bool:
@@ -195,6 +198,7 @@ def plan(desired: DataplaneState, actual: DataplaneState) -> Plan:
     desired_route_dsts = {route.dst for route in desired.routes}
     desired_neighbour_ips = {n.ip for n in desired.neighbours}
     return Plan(
+        device_name=desired.device.name,
         create_device=create,
         recreate_device=recreate,
         update_device=update,
