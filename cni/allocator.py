@@ -1,0 +1,242 @@
+"""IP allocation for containers on this host: pure pool logic plus a small locked file store.
+
+Design note
+-----------
+The pool is the host's subnet from the daemon's subnet file, minus the network address, the
+gateway (the bridge's address, the subnet's first address) and the broadcast address. An
+allocation is keyed by (network name, container ID, ifname), the primary key the CNI spec asks
+stateful plugins to use, so a repeated ADD gets the same address back and a DEL for one
+container can never release another's.
+
+Addresses are handed out round-robin after the last one given, as host-local does: a released
+address is not reused at once, so a stale ARP entry or a late packet for a dead container does not
+reach its successor.
+
+The logic (`PoolState`, `allocate`, `release`, `release_unlisted`) is pure and returns new values;
+`AllocationStore` is the only I/O. It keeps one JSON file, rewritten atomically (temporary file,
+fsync, rename) while holding an exclusive `flock` on a separate lock file, so concurrent ADDs, from
+the service's threads or from other processes, never hand out one address twice. Records live
+under `<run-dir>/cni-ipam/` (directory 0700, files 0600): in /run they vanish at reboot together
+with every container network namespace they describe.
+
+Standard library only: the plugin reads the store (DEL while the daemon is down).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+from cni.errors import PoolExhausted, StateFailure
+
+STORE_DIR_NAME = "cni-ipam"
+_STATE_FILE = "allocations.json"
+_LOCK_FILE = "lock"
+_FORMAT = 1
+
+
+def store_dir(run_dir) -> Path:
+    return Path(run_dir) / STORE_DIR_NAME
+
+
+@dataclass(frozen=True, order=True)
+class AttachmentKey:
+    network: str
+    container_id: str
+    ifname: str
+
+
+@dataclass(frozen=True)
+class Allocation:
+    key: AttachmentKey
+    address: IPv4Address
+    host_ifname: str
+    netns: str
+
+
+@dataclass(frozen=True)
+class PoolState:
+    allocations: tuple[Allocation, ...] = ()
+    last: IPv4Address | None = None
+
+    def find(self, key: AttachmentKey) -> Allocation | None:
+        for allocation in self.allocations:
+            if allocation.key == key:
+                return allocation
+        return None
+
+    def taken(self) -> frozenset[IPv4Address]:
+        return frozenset(a.address for a in self.allocations)
+
+
+def usable_addresses(subnet: IPv4Network, gateway: IPv4Address) -> list[IPv4Address]:
+    """Every address a container may get: hosts of the subnet except the gateway."""
+    return [address for address in subnet.hosts() if address != gateway]
+
+
+def allocate(state: PoolState, key: AttachmentKey, subnet: IPv4Network, gateway: IPv4Address,
+             host_ifname: str, netns: str) -> tuple[PoolState, Allocation, bool]:
+    """(new state, allocation, whether it is new). An existing allocation for the key is returned
+    as it is, with its recorded netns updated, so a repeated ADD yields the same address."""
+    existing = state.find(key)
+    if existing is not None:
+        if existing.netns == netns and existing.host_ifname == host_ifname:
+            return state, existing, False
+        updated = replace(existing, netns=netns, host_ifname=host_ifname)
+        allocations = tuple(updated if a.key == key else a for a in state.allocations)
+        return replace(state, allocations=allocations), updated, False
+    candidates = usable_addresses(subnet, gateway)
+    taken = state.taken()
+    start = 0
+    if state.last is not None and state.last in subnet:
+        # Continue after the last address handed out (round robin, as host-local does).
+        start = next((i + 1 for i, a in enumerate(candidates) if a >= state.last), 0)
+    for offset in range(len(candidates)):
+        address = candidates[(start + offset) % len(candidates)]
+        if address not in taken:
+            allocation = Allocation(key, address, host_ifname, netns)
+            return PoolState(state.allocations + (allocation,), address), allocation, True
+    raise PoolExhausted(f"no free address left in {subnet}: all {len(candidates)} are allocated")
+
+
+def release(state: PoolState, key: AttachmentKey) -> tuple[PoolState, Allocation | None]:
+    existing = state.find(key)
+    if existing is None:
+        return state, None
+    return replace(state, allocations=tuple(a for a in state.allocations if a.key != key)), existing
+
+
+def release_unlisted(state: PoolState, network: str,
+                     keep: frozenset[tuple[str, str]]) -> tuple[PoolState, tuple[Allocation, ...]]:
+    """GC: release this network's allocations whose (container ID, ifname) is not in `keep`.
+    Other networks' allocations are not ours to judge."""
+    released = tuple(a for a in state.allocations
+                     if a.key.network == network and (a.key.container_id, a.key.ifname) not in keep)
+    if not released:
+        return state, ()
+    remaining = tuple(a for a in state.allocations if a not in released)
+    return replace(state, allocations=remaining), released
+
+
+# --------------------------------------------------------------------------- serialisation
+
+def encode_state(state: PoolState) -> str:
+    return json.dumps({
+        "format": _FORMAT,
+        "last": str(state.last) if state.last is not None else None,
+        "allocations": [
+            {"network": a.key.network, "containerID": a.key.container_id, "ifname": a.key.ifname,
+             "address": str(a.address), "hostIfname": a.host_ifname, "netns": a.netns}
+            for a in sorted(state.allocations, key=lambda a: a.address)
+        ],
+    }, indent=1)
+
+
+def decode_state(text: str) -> PoolState:
+    try:
+        raw = json.loads(text)
+        if raw.get("format") != _FORMAT:
+            raise ValueError(f"unknown format {raw.get('format')!r}")
+        allocations = tuple(
+            Allocation(AttachmentKey(item["network"], item["containerID"], item["ifname"]),
+                       IPv4Address(item["address"]), item["hostIfname"], item["netns"])
+            for item in raw["allocations"])
+        last = IPv4Address(raw["last"]) if raw.get("last") else None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise StateFailure(f"allocation records are corrupt: {exc}") from None
+    if len({a.address for a in allocations}) != len(allocations):
+        raise StateFailure("allocation records are corrupt: one address is allocated twice")
+    return PoolState(allocations, last)
+
+
+# --------------------------------------------------------------------------- the store
+
+class AllocationStore:
+    """The allocation file under an exclusive lock. Use:
+
+        with store.transaction() as txn:
+            state, allocation, new = allocate(txn.state, ...)
+            txn.commit(state)
+    """
+
+    def __init__(self, directory):
+        self.directory = Path(directory)
+
+    def transaction(self) -> "_Transaction":
+        return _Transaction(self, exclusive=True)
+
+    def read(self) -> PoolState:
+        with _Transaction(self, exclusive=False) as txn:
+            return txn.state
+
+    def lookup(self, key: AttachmentKey) -> Allocation | None:
+        if not (self.directory / _STATE_FILE).exists():
+            return None
+        return self.read().find(key)
+
+    def _ensure_directory(self) -> None:
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateFailure(f"cannot create {self.directory}: {exc.strerror}") from None
+
+
+class _Transaction:
+    def __init__(self, store: AllocationStore, exclusive: bool):
+        self.store = store
+        self.exclusive = exclusive
+        self.state = PoolState()
+        self._lock_fd = -1
+
+    def __enter__(self) -> "_Transaction":
+        self.store._ensure_directory()
+        try:
+            self._lock_fd = os.open(self.store.directory / _LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # flock, not fcntl record locks: those are per process and would not keep the
+            # service's own threads apart. flock locks belong to the open file description.
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH)
+            try:
+                text = (self.store.directory / _STATE_FILE).read_text()
+            except FileNotFoundError:
+                text = None
+        except OSError as exc:
+            self._unlock()
+            raise StateFailure(f"cannot read allocation records in {self.store.directory}: {exc}") from None
+        if text is not None:
+            try:
+                self.state = decode_state(text)
+            except StateFailure:
+                self._unlock()
+                raise
+        return self
+
+    def commit(self, state: PoolState) -> None:
+        if not self.exclusive:
+            raise RuntimeError("commit inside a read-only transaction")
+        if state == self.state:
+            return
+        path = self.store.directory / _STATE_FILE
+        tmp = self.store.directory / f".{_STATE_FILE}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, encode_state(state).encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise StateFailure(f"cannot write allocation records in {self.store.directory}: {exc}") from None
+        self.state = state
+
+    def __exit__(self, *exc_info) -> None:
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)     # closing the description releases the flock
+            self._lock_fd = -1

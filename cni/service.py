@@ -1,0 +1,368 @@
+"""The warm CNI service: does ADD, DEL, CHECK, GC and STATUS for the plugin client.
+
+Design note
+-----------
+`overlayd` hosts it (`CniService(run_dir).start()`, `set_ready(True)`, `close()`), so pyroute2
+is imported once per daemon rather than once per container, and it runs in the host's network
+namespace, where the bridge and the host ends of the veth pairs live. It can also run on its own
+(`python -m cni.service --run-dir DIR`), which the integration tests and benchmarks use.
+
+Protocol on `<run-dir>/cni.sock` (mode 0600: only root may attach containers): the client sends
+one JSON object `{"env": {CNI_*...}, "stdin": "<network config>"}` and closes its write side;
+the service answers `<exit status>\\n<stdout>` and closes. Each connection gets its own thread;
+calls for different containers run in parallel, and the allocation store's file lock keeps their
+addresses apart. The service re-parses the call with `cni.spec` (it trusts no client).
+
+ADD order, chosen so that nothing is left half-made and a crash at any point leaves state that
+DEL or GC can clean: (1) allocate the address (recorded before anything exists in the kernel),
+(2) make sure the bridge is up with the gateway address, (3) create the veth pair with the
+container end already in the container's namespace, (4) attach the host end to the bridge, (5)
+set the container's address and default route. A failure after (1) deletes the veth (if this
+call created it) and releases the address (if this call allocated it), then reports the error.
+
+DEL deletes the host end (the kernel removes the pair, wherever the container end is), then
+releases the address; it needs neither the netns nor the subnet file. The host end's name is a
+hash of (container ID, ifname), so a DEL for an old container ID can only ever reach that
+container's own veth and allocation, never a newer attachment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import signal
+import socketserver
+import sys
+import threading
+import time
+from ipaddress import IPv4Interface
+from pathlib import Path
+
+from overlay.subnetfile import SubnetFile, SubnetFileError, read_subnet_file
+
+from cni import spec
+from cni.allocator import AllocationStore, AttachmentKey, allocate, release, release_unlisted, store_dir
+from cni.errors import (AttachmentDrift, CniFailure, DecodingFailure, NotReady, ServiceUnavailable, StateFailure,
+                        cni_code)
+from cni.links import Links, bridge_lock, container_netlink, host_netlink, mac_for, open_netns
+from cni.results import Attachment, add_result, expected_in_prev_result
+
+log = logging.getLogger("overlay.cni")
+
+HOST_VETH_PREFIX = "ovlv"
+_HOST_VETH_HASH_LEN = 15 - len(HOST_VETH_PREFIX)
+_MAX_REQUEST_BYTES = 2 << 20
+
+
+def host_ifname(container_id: str, ifname: str) -> str:
+    """The host end's name: deterministic, so DEL and GC find it with no record, and unique per
+    (container ID, ifname) for all practical purposes (44 bits of SHA-256)."""
+    digest = hashlib.sha256(f"{container_id}/{ifname}".encode()).hexdigest()
+    return HOST_VETH_PREFIX + digest[:_HOST_VETH_HASH_LEN]
+
+
+def is_host_ifname(name: str) -> bool:
+    suffix = name[len(HOST_VETH_PREFIX):]
+    return (name.startswith(HOST_VETH_PREFIX) and len(suffix) == _HOST_VETH_HASH_LEN
+            and all(c in "0123456789abcdef" for c in suffix))
+
+
+class Attacher:
+    """The CNI operations against the kernel and the allocation store of one run dir."""
+
+    def __init__(self, run_dir: Path, ready=lambda: True):
+        self.run_dir = Path(run_dir)
+        self.store = AllocationStore(store_dir(self.run_dir))
+        self.ready = ready
+
+    def handle(self, invocation: spec.Invocation) -> str:
+        """Run one call; returns stdout (empty except for ADD); raises a CniFailure."""
+        operation = {"ADD": self.add, "DEL": self.delete, "CHECK": self.check, "GC": self.gc,
+                     "STATUS": self.status}[invocation.command]
+        return operation(invocation)
+
+    def _subnet(self) -> SubnetFile:
+        try:
+            return read_subnet_file(self.run_dir)
+        except FileNotFoundError:
+            raise ServiceUnavailable(f"{self.run_dir}/subnet.env is not written yet (the daemon has no lease); "
+                                     "try again later") from None
+        except (OSError, SubnetFileError) as exc:
+            raise StateFailure(f"cannot read {self.run_dir}/subnet.env: {exc}") from None
+
+    # ------------------------------------------------------------------ ADD
+
+    def add(self, inv: spec.Invocation) -> str:
+        subnet = self._subnet()
+        gateway = subnet.subnet.ip
+        pool = subnet.subnet.network
+        key = AttachmentKey(inv.name, inv.container_id, inv.ifname)
+        host_name = host_ifname(inv.container_id, inv.ifname)
+        netns_fd = open_netns(inv.netns)
+        try:
+            with self.store.transaction() as txn:
+                state = txn.state
+                existing = state.find(key)
+                if existing is not None and existing.address not in pool:
+                    # The daemon's subnet changed since this allocation: it cannot be used any more.
+                    state, _ = release(state, key)
+                state, allocation, new = allocate(state, key, pool, gateway, host_name, inv.netns)
+                txn.commit(state)
+            try:
+                attachment = self._plug(inv, host_name, netns_fd, IPv4Interface((allocation.address, pool.prefixlen)),
+                                        subnet)
+            except BaseException:
+                if new:
+                    with self.store.transaction() as txn:
+                        txn.commit(release(txn.state, key)[0])
+                raise
+        finally:
+            os.close(netns_fd)
+        return spec.dumps(add_result(inv.version, attachment, inv.dns))
+
+    def _plug(self, inv, host_name: str, netns_fd: int, address: IPv4Interface, subnet: SubnetFile) -> Attachment:
+        gateway = subnet.subnet.ip
+        with Links(host_netlink()) as host:
+            with bridge_lock():
+                bridge = host.ensure_bridge(inv.bridge, subnet.subnet, subnet.mtu)
+            created = False
+            try:
+                with Links(container_netlink(netns_fd)) as container:
+                    host_end = host.link(host_name)
+                    if host_end is not None:
+                        inside = container.link(inv.ifname)
+                        if inside is None or inside.kind != "veth":
+                            # A leftover pair whose container end is elsewhere (an old sandbox of
+                            # this container ID): it is ours by name, replace it.
+                            host.delete(host_name)
+                            host_end = None
+                    if host_end is None:
+                        host.create_veth(host_name, inv.ifname, netns_fd, subnet.mtu, mac_for(address.ip))
+                        created = True
+                        host_end = host.link(host_name)
+                    host.attach(host_end.index, bridge.index)
+                    inside = container.configure_container_side(inv.ifname, address, gateway)
+            except BaseException:
+                if created:
+                    host.delete(host_name)
+                raise
+        return Attachment(host_ifname=host_name, host_mac=host_end.mac, ifname=inv.ifname, mac=inside.mac,
+                          sandbox=inv.netns, mtu=subnet.mtu, address=address, gateway=gateway)
+
+    # ------------------------------------------------------------------ DEL
+
+    def delete(self, inv: spec.Invocation) -> str:
+        key = AttachmentKey(inv.name, inv.container_id, inv.ifname)
+        allocation = self.store.lookup(key)
+        host_name = allocation.host_ifname if allocation is not None else host_ifname(inv.container_id, inv.ifname)
+        with Links(host_netlink()) as host:
+            host.delete(host_name)     # absent is fine: DEL is idempotent
+        if allocation is not None:
+            # Released only after the veth is gone, so the address is never on two live links.
+            with self.store.transaction() as txn:
+                txn.commit(release(txn.state, key)[0])
+        return ""
+
+    # ------------------------------------------------------------------ CHECK
+
+    def check(self, inv: spec.Invocation) -> str:
+        key = AttachmentKey(inv.name, inv.container_id, inv.ifname)
+        allocation = self.store.lookup(key)
+        if allocation is None:
+            raise AttachmentDrift(f"no address is allocated to container {inv.container_id} {inv.ifname} "
+                                  f"on network {inv.name}")
+        subnet = self._subnet()
+        address = IPv4Interface((allocation.address, subnet.subnet.network.prefixlen))
+        expected_in_prev_result(inv.prev_result, inv.ifname, inv.netns, address)
+        netns_fd = open_netns(inv.netns)
+        try:
+            with Links(host_netlink()) as host, Links(container_netlink(netns_fd)) as container:
+                bridge = host.link(inv.bridge)
+                if bridge is None or not bridge.up:
+                    raise AttachmentDrift(f"bridge {inv.bridge} is missing or down")
+                if subnet.subnet not in host.addresses(bridge.index):
+                    raise AttachmentDrift(f"bridge {inv.bridge} lacks the gateway address {subnet.subnet}")
+                host_end = host.link(allocation.host_ifname)
+                if host_end is None:
+                    raise AttachmentDrift(f"host veth {allocation.host_ifname} is missing")
+                if host_end.master != bridge.index or not host_end.up:
+                    raise AttachmentDrift(f"host veth {allocation.host_ifname} is down or not on {inv.bridge}")
+                inside = container.link(inv.ifname)
+                if inside is None or inside.kind != "veth":
+                    raise AttachmentDrift(f"{inv.ifname} is missing from the container or is not a veth")
+                if not inside.up:
+                    raise AttachmentDrift(f"{inv.ifname} is down in the container")
+                if inside.mtu != subnet.mtu:
+                    raise AttachmentDrift(f"{inv.ifname} has MTU {inside.mtu}, the overlay needs {subnet.mtu}")
+                if address not in container.addresses(inside.index):
+                    raise AttachmentDrift(f"{inv.ifname} lacks its address {address}")
+                if subnet.subnet.ip not in container.default_gateways(inside.index):
+                    raise AttachmentDrift(f"the container has no default route via {subnet.subnet.ip}")
+        finally:
+            os.close(netns_fd)
+        return ""
+
+    # ------------------------------------------------------------------ GC and STATUS
+
+    def gc(self, inv: spec.Invocation) -> str:
+        with Links(host_netlink()) as host:
+            listed = [link.name for link in host.links() if is_host_ifname(link.name)]
+            with self.store.transaction() as txn:
+                state, released = release_unlisted(txn.state, inv.name, inv.valid_attachments)
+                for allocation in released:
+                    host.delete(allocation.host_ifname)
+                txn.commit(state)
+                recorded = {a.host_ifname for a in state.allocations}
+            # Host ends nobody records: left by a crash between veth creation and rollback.
+            # Links were listed before the records were read, and ADD records before it creates,
+            # so an ADD in flight is never mistaken for an orphan.
+            orphans = [name for name in listed if name not in recorded]
+            for name in orphans:
+                host.delete(name)
+        if released or orphans:
+            log.info("CNI GC on %s: released %s; removed orphan veths %s", inv.name,
+                     ", ".join(f"{a.address} ({a.key.container_id} {a.key.ifname})" for a in released) or "nothing",
+                     ", ".join(orphans) or "none")
+        return ""
+
+    def status(self, inv: spec.Invocation) -> str:
+        if not self.ready():
+            raise NotReady("the overlay daemon is not ready")
+        try:
+            read_subnet_file(self.run_dir)
+        except (OSError, SubnetFileError) as exc:
+            raise NotReady(f"no usable subnet file in {self.run_dir}: {exc}") from None
+        return ""
+
+
+# ---------------------------------------------------------------------- the socket server
+
+class _Handler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        started = time.monotonic()
+        data = self.rfile.read(_MAX_REQUEST_BYTES + 1)
+        status, text, command = self.server.service.answer(data)
+        try:
+            self.wfile.write(f"{status}\n{text}".encode())
+        except OSError:
+            pass    # the client gave up (its runtime timed out); nothing to tell anyone
+        log.debug("CNI %s -> %d in %.1f ms", command, status, (time.monotonic() - started) * 1e3)
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    # The address is bound to a temporary name first (see CniService.start).
+    allow_reuse_address = False
+
+
+class CniService:
+    """The plugin's server side: `start()`, `set_ready(bool)`, `close()`."""
+
+    def __init__(self, run_dir):
+        self.run_dir = Path(run_dir)
+        self.socket_path = self.run_dir / spec.SOCKET_NAME
+        self._ready = threading.Event()
+        self.attacher = Attacher(self.run_dir, ready=self._ready.is_set)
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._inode: int | None = None
+
+    def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+        # Bind under a temporary name, restrict it to root, then rename it over cni.sock: a client
+        # never sees a socket with looser permissions, and a stale socket from a crashed daemon is
+        # replaced atomically. (umask would do it too, but it is process-wide and the daemon has
+        # other threads creating files.)
+        tmp = self.run_dir / f".{spec.SOCKET_NAME}.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        server = _Server(str(tmp), _Handler, bind_and_activate=False)
+        try:
+            server.server_bind()
+            os.chmod(tmp, 0o600)
+            server.server_activate()
+            os.replace(tmp, self.socket_path)
+        except BaseException:
+            server.server_close()
+            tmp.unlink(missing_ok=True)
+            raise
+        server.service = self
+        self._inode = self.socket_path.stat().st_ino
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="cni-service", daemon=True)
+        self._thread.start()
+        log.info("CNI service listening on %s", self.socket_path)
+
+    def set_ready(self, ready: bool) -> None:
+        if ready:
+            self._ready.set()
+        else:
+            self._ready.clear()
+
+    def close(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        try:
+            # Remove the socket only if it is still ours (a newer daemon may have replaced it).
+            if self.socket_path.stat().st_ino == self._inode:
+                self.socket_path.unlink()
+        except FileNotFoundError:
+            pass
+        self._server = None
+
+    def answer(self, data: bytes) -> tuple[int, str, str]:
+        """(exit status, stdout, command) for one request; never raises."""
+        version, command = spec.LATEST_VERSION, "?"
+        try:
+            if len(data) > _MAX_REQUEST_BYTES:
+                raise DecodingFailure("request too large")
+            try:
+                request = json.loads(data)
+                environ, stdin = request["env"], request["stdin"]
+                if not isinstance(environ, dict) or not isinstance(stdin, str):
+                    raise TypeError("env must be an object and stdin a string")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise DecodingFailure(f"malformed request from the plugin: {exc}") from None
+            version = spec.version_for_errors(stdin)
+            command = spec.parse_command(environ)
+            if command == "VERSION":
+                return 0, spec.version_answer(stdin), command
+            invocation = spec.parse_invocation(environ, stdin)
+            return 0, self.attacher.handle(invocation), command
+        except CniFailure as exc:
+            log.warning("CNI %s failed: %s", command, exc.msg)
+            return 1, spec.error_json(version, cni_code(exc), exc.msg, exc.details), command
+        except Exception as exc:    # a bug: report it to the runtime rather than hang up
+            log.exception("CNI %s failed unexpectedly", command)
+            return 1, spec.error_json(version, cni_code(exc), f"internal error: {exc}"), command
+
+
+def main(argv=None) -> int:
+    """Standalone mode, for tests and benchmarks: serve until SIGTERM or SIGINT."""
+    parser = argparse.ArgumentParser(prog="python -m cni.service", description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", default=spec.DEFAULT_RUN_DIR)
+    parser.add_argument("--not-ready", action="store_true", help="answer STATUS with 50")
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    # Our logger only: pyroute2's debug output would drown it.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log.setLevel(args.log_level.upper())
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    service = CniService(Path(args.run_dir))
+    service.start()
+    service.set_ready(not args.not_ready)
+    try:
+        stop.wait()
+    finally:
+        service.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
