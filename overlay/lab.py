@@ -254,6 +254,26 @@ def _routed_networks() -> list[IPv4Network]:
     return found
 
 
+def underlay_warnings() -> list[str]:
+    """Machine settings that would silently break a lab's underlay, in words an operator can act on.
+
+    With br_netfilter loaded and bridge-nf-call-iptables=1 (the kernel's global switch; a bridge's
+    own nf_call_iptables option can only add to it), frames crossing the lab bridge go through the
+    root namespace's FORWARD chain. The lab does not change the machine's firewall; it says so."""
+    try:
+        bridged = Path("/proc/sys/net/bridge/bridge-nf-call-iptables").read_text().strip() == "1"
+    except OSError:
+        return []
+    if not bridged or shutil.which("iptables") is None:
+        return []
+    policy = _run(["iptables", "-w", "5", "-S", "FORWARD"], check=False).stdout.splitlines()[:1]
+    if policy and policy[0].strip() in ("-P FORWARD DROP", "-P FORWARD REJECT"):
+        return ["bridged traffic goes through this machine's iptables FORWARD chain (br_netfilter, "
+                "net.bridge.bridge-nf-call-iptables=1), whose policy is DROP: hosts of the lab may not "
+                "reach each other. Allow them with: iptables -I FORWARD -s 198.18.0.0/15 -d 198.18.0.0/15 -j ACCEPT"]
+    return []
+
+
 def _state_path(name: str) -> Path:
     return LAB_ROOT / name / "state.json"
 
@@ -486,8 +506,12 @@ class Lab:
                     self.start_daemon(host)
             self.state["phase"] = "up"
             self._save()
-        except BaseException:
-            self.down()
+        except BaseException as exc:
+            try:
+                self.down()
+            except Exception as cleanup:  # keep the first error; say what is left
+                exc.add_note(f"rolling back lab {self.name} failed too: {cleanup}; "
+                             f"run: overlayctl lab down --name {self.name}")
             raise
         return self
 
@@ -667,6 +691,14 @@ class Lab:
         """Run argv inside the host's namespace; text output captured."""
         host = self.host(which)
         return _run(["ip", "netns", "exec", host.netns, *argv], input=input, check=check, timeout=timeout)
+
+    def spawn(self, which: "str | int | LabHost", argv: Sequence[str], **popen_kwargs) -> subprocess.Popen:
+        """Start argv in the host's namespace in the background (an iperf3 server, a sniffer).
+
+        The caller waits for or kills it; `down` kills whatever is still running in the namespace."""
+        host = self.host(which)
+        popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
+        return subprocess.Popen(["ip", "netns", "exec", host.netns, *argv], **popen_kwargs)
 
     def subnet(self, which: "str | int | LabHost") -> IPv4Network | None:
         """The host's subnet from its subnet.env, or None before the daemon wrote it."""

@@ -20,7 +20,7 @@ import time
 import click
 
 from .lab import (DEFAULT_LAB_NAME, DEFAULT_NETWORK, Lab, LabError, LabNotFound, lab_names, teardown,
-                  teardown_all)
+                  teardown_all, underlay_warnings)
 
 _name_option = click.option("--name", default=DEFAULT_LAB_NAME, show_default=True,
                             help="lab name, 1-4 lowercase letters or digits")
@@ -33,6 +33,11 @@ def _fail(exc: Exception) -> None:
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def _warn() -> None:
+    for warning in underlay_warnings():
+        click.echo(f"warning: {warning}", err=True)
 
 
 def _load(name: str) -> Lab:
@@ -65,6 +70,7 @@ def up(hosts: int, etcd_members: str, name: str, network: str, subnet_lease_ttl:
        wait: bool, timeout: float) -> None:
     """Make the lab: underlay bridge, etcd, hosts, one overlayd each."""
     started = time.monotonic()
+    _warn()
     try:
         handle = Lab(name)
         handle.up(hosts=hosts, etcd_members=int(etcd_members), network=network,
@@ -151,6 +157,7 @@ def demo(ctx: click.Context, name: str, hosts: int, timeout: float) -> None:
         removed = teardown(name)
         if removed:
             click.echo(f"removed a leftover lab {name} ({len(removed)} namespaces/links)")
+        _warn()
         click.echo(f"starting lab {name}: etcd and {hosts} hosts, each running overlayd ...")
         handle = Lab(name).up(hosts=hosts)
         click.echo(f"  underlay {handle.underlay} on bridge {handle.bridge}; etcd at {','.join(handle.etcd_endpoints)}")
