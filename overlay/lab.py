@@ -796,17 +796,24 @@ class Lab:
         except (ValueError, KeyError):
             return set()
 
-    def converged(self, hosts: Iterable["str | int | LabHost"] | None = None) -> bool:
-        """Every host has its subnet and a route over VXLAN to every other host's subnet."""
+    def convergence_gaps(self, hosts: Iterable["str | int | LabHost"] | None = None) -> dict[str, list[str]]:
+        """{host: [peers it has no VXLAN route to]} for hosts missing something; {} when converged.
+
+        A host without a subnet yet is missing every peer (and is listed as missing itself)."""
         chosen = [self.host(which) for which in (hosts if hosts is not None else self.hosts)]
         subnets = {host.name: self.subnet(host) for host in chosen}
-        if any(subnet is None for subnet in subnets.values()):
-            return False
+        gaps: dict[str, list[str]] = {}
         for host in chosen:
-            wanted = {subnet for name, subnet in subnets.items() if name != host.name}
-            if not wanted <= self.overlay_routes(host):
-                return False
-        return True
+            routes = self.overlay_routes(host) if subnets[host.name] else set()
+            missing = [name for name, subnet in subnets.items()
+                       if name != host.name and (subnet is None or subnet not in routes)]
+            if subnets[host.name] is None or missing:
+                gaps[host.name] = missing
+        return gaps
+
+    def converged(self, hosts: Iterable["str | int | LabHost"] | None = None) -> bool:
+        """Every host has its subnet and a route over VXLAN to every other host's subnet."""
+        return not self.convergence_gaps(hosts)
 
     def wait_converged(self, hosts: Iterable["str | int | LabHost"] | None = None,
                        deadline: float | None = None, timeout: float = 60.0) -> float:
@@ -815,7 +822,12 @@ class Lab:
         deadline = deadline if deadline is not None else started + timeout
         chosen = list(hosts) if hosts is not None else None
         self.wait_ready(chosen, deadline=deadline)
-        wait_until(lambda: self.converged(chosen), deadline, "every host to route to every other's subnet")
+        while gaps := self.convergence_gaps(chosen):
+            if time.monotonic() > deadline:
+                detail = "; ".join(f"{host} lacks routes to {', '.join(missing) or '(has no subnet)'}"
+                                   for host, missing in sorted(gaps.items()))
+                raise LabError(f"not converged after {time.monotonic() - started:.0f} s: {detail}")
+            time.sleep(0.1)
         return time.monotonic() - started
 
     def ping(self, source: "str | int | LabHost", destination: IPv4Address | str,
