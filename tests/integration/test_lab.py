@@ -199,6 +199,7 @@ def test_hosts_become_ready_and_reach_each_other_over_the_overlay(lab_name):
 
         matrix = lab.reachability()
         assert [pair for pair, rtt in matrix.items() if rtt is None] == []
+        assert_pings_travel_as_vxlan(lab)
 
         # A restarted daemon keeps its subnet and becomes ready again.
         before = lab.subnet("h2")
@@ -209,3 +210,44 @@ def test_hosts_become_ready_and_reach_each_other_over_the_overlay(lab_name):
         assert lab.subnet("h2") == before
         pids = lab_pids(lab_name)
     assert_gone(lab_name, pids)
+
+
+def assert_pings_travel_as_vxlan(lab: Lab) -> None:
+    """Sniffing h1's underlay port (the root end of its veth: a bridge device itself does not see
+    frames forwarded between its ports), a ping h1 -> h2 over the overlay is VXLAN on UDP 8472
+    with VNI 1, outer addresses the public IPs, inner addresses the VXLAN device addresses."""
+    from scapy.all import AsyncSniffer
+    from scapy.layers.inet import ICMP, IP, UDP
+    from scapy.layers.vxlan import VXLAN
+
+    h1, h2 = lab.host("h1"), lab.host("h2")
+    source, target = str(lab.overlay_address(h1)), str(lab.overlay_address(h2))
+    sniffer = AsyncSniffer(iface=h1.link, store=True,
+                           lfilter=lambda packet: UDP in packet and packet[UDP].dport == 8472)
+    sniffer.start()
+    try:
+        wait_until_sniffing = time.monotonic() + 10
+        while not getattr(sniffer, "running", False) and time.monotonic() < wait_until_sniffing:
+            time.sleep(0.02)
+        assert lab.ping(h1, target, count=3, wait=1) is not None
+    finally:
+        packets = sniffer.stop() or []
+    echoes = [packet for packet in packets if VXLAN in packet and ICMP in packet[VXLAN]
+              and packet[VXLAN][IP].src == source and packet[VXLAN][IP].dst == target]
+    assert echoes, f"no VXLAN-encapsulated ping seen among {len(packets)} packets on {h1.link}"
+    for packet in echoes:
+        assert packet[VXLAN].vni == 1
+        assert (packet[IP].src, packet[IP].dst) == (str(h1.public_ip), str(h2.public_ip))
+
+
+def test_lab_demo_command(lab_name):
+    missing = _daemon_importable()
+    if missing:
+        pytest.skip(f"the daemon cannot run yet: {missing}")
+    demo = subprocess.run([OVERLAYCTL, "lab", "demo", "--name", lab_name], capture_output=True, text=True,
+                          timeout=180)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "9/9 pairs reachable" in demo.stdout
+    assert "3 lease(s)" in demo.stdout
+    assert f"overlayctl lab down --name {lab_name}" in demo.stdout
+    assert Lab.load(lab_name).converged()   # left up for the newcomer to explore
