@@ -298,6 +298,7 @@ class _WatchStream:
         self.call = connection.watch.Watch(metadata=REQUIRE_LEADER)
         self.progress_interval = progress_interval
         self.stale_after = stale_after
+        self.answered = False   # any response after the watch was created, progress included
         self._pinger: asyncio.Task | None = None
 
     async def create(self, request: rpc_pb2.WatchCreateRequest, timeout: float) -> None:
@@ -326,6 +327,7 @@ class _WatchStream:
                 raise refusal("watch", self.endpoint, exc) from None
             if response is grpc.aio.EOF:
                 raise _StreamBroken(f"{self.endpoint.url}: watch stream ended")
+            self.answered = True
             self._check(response)
             if response.events:
                 return response
@@ -551,7 +553,7 @@ class EtcdStore:
         if start_revision < 1:
             raise ValueError(f"a watch starts at revision 1 or later, not {start_revision}")
         next_revision = start_revision
-        quick_breaks = 0   # streams that broke before delivering anything, in a row
+        quick_breaks = 0   # streams in a row that broke before answering anything
         while True:
             stream = await self._request(
                 f"watch the subnet leases from revision {next_revision}",
@@ -563,7 +565,6 @@ class EtcdStore:
                     except _StreamBroken as exc:
                         log.warning("etcd watch broke (%s); resuming from revision %d", exc, next_revision)
                         break
-                    quick_breaks = 0
                     for event in response.events:
                         # Before the yield: the consumer may stop at any event.
                         next_revision = event.kv.mod_revision + 1
@@ -573,7 +574,9 @@ class EtcdStore:
             finally:
                 await stream.close()
             self._advance(stream.index)
-            quick_breaks += 1
+            # A stream that worked for a while is one break; streams that die at once, one after
+            # another on every endpoint, mean etcd will not serve us: let the caller back off.
+            quick_breaks = 1 if stream.answered else quick_breaks + 1
             if quick_breaks > 2 * len(self._endpoints):
                 raise StoreUnavailable(f"etcd watch keeps breaking on every endpoint ({self._endpoint_list()})")
             if quick_breaks > len(self._endpoints):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import os
 import signal
 import time
@@ -100,7 +99,8 @@ def test_config_round_trip_also_by_host_name(etcd):
 
 def test_claim_and_list_in_flannels_format(etcd):
     # What a flanneld on another host would have written; and what a foreign writer might.
-    foreign = '{"PublicIP":"198.18.0.9","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:09"},"Extra":1}'
+    foreign = ('{"PublicIP":"198.18.0.9","PublicIPv6":null,"BackendType":"vxlan",'
+               '"BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:09"},"Extra":1}')
     etcdctl(etcd, "put", f"{SUBNETS}/10.244.9.0-24", foreign)
     etcdctl(etcd, "put", f"{SUBNETS}/not-a-subnet", foreign)
     etcdctl(etcd, "put", f"{SUBNETS}/10.244.8.0-24", '{"BackendType":"host-gw"}')

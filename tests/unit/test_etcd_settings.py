@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
-from aetcd.rpc import kv_pb2
+from aetcd.rpc import kv_pb2, rpc_pb2
 
 from overlay.errors import ConfigError, LeaseLost, StoreError
 from overlay.etcd import (EtcdSettings, EtcdStore, LeaseEvent, _prefix_end, is_transient, lease_event,
@@ -208,3 +208,109 @@ def test_prefix_range_end():
     assert _prefix_end(b"/coreos.com/network/subnets/") == b"/coreos.com/network/subnets0"
     assert _prefix_end(b"a\xff\xff") == b"b"
     assert _prefix_end(b"\xff") == b"\x00"
+
+
+# -------------------------------------------------------------------- retries after a lost reply
+#
+# A request whose reply is lost may have been applied. These drive the store against a small
+# in-memory etcd that applies a request and then reports DEADLINE_EXCEEDED once, as a timed-out
+# attempt on a real member would, and check that the retry recognises its own earlier write.
+
+class LostReplyEtcd:
+    """Just enough of etcd's KV and Lease services for claim and update, in memory."""
+
+    def __init__(self, lose: set[str]):
+        self.lose = set(lose)               # method names whose next reply is lost
+        self.revision = 1
+        self.keys: dict[bytes, kv_pb2.KeyValue] = {}
+        self.leases: set[int] = set()
+        self.calls: list[str] = []
+
+    def _reply(self, name: str, response):
+        self.calls.append(name)
+        if name in self.lose:
+            self.lose.discard(name)
+            raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, None, None, details="Deadline Exceeded")
+        return response
+
+    def _header(self):
+        return rpc_pb2.ResponseHeader(revision=self.revision)
+
+    async def LeaseGrant(self, request, **_):
+        if request.ID in self.leases:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.FAILED_PRECONDITION, None, None,
+                                       details="etcdserver: lease already exists")
+        self.leases.add(request.ID)
+        return self._reply("LeaseGrant", rpc_pb2.LeaseGrantResponse(header=self._header(), ID=request.ID, TTL=request.TTL))
+
+    async def LeaseRevoke(self, request, **_):
+        self.leases.discard(request.ID)
+        for key in [key for key, kv in self.keys.items() if kv.lease == request.ID]:
+            del self.keys[key]
+            self.revision += 1
+        return self._reply("LeaseRevoke", rpc_pb2.LeaseRevokeResponse(header=self._header()))
+
+    async def Txn(self, request, **_):
+        compare = request.compare[0]
+        kv = self.keys.get(compare.key)
+        if compare.target == rpc_pb2.Compare.VERSION:
+            holds = (kv.version if kv else 0) == compare.version
+        else:
+            holds = (kv.mod_revision if kv else 0) == compare.mod_revision
+        response = rpc_pb2.TxnResponse(succeeded=holds)
+        if holds:
+            put = request.success[0].request_put
+            if put.lease and put.lease not in self.leases:
+                raise grpc.aio.AioRpcError(grpc.StatusCode.NOT_FOUND, None, None,
+                                           details="etcdserver: requested lease not found")
+            self.revision += 1
+            self.keys[put.key] = kv_pb2.KeyValue(key=put.key, value=put.value, lease=put.lease,
+                                                 mod_revision=self.revision, version=(kv.version if kv else 0) + 1)
+        else:
+            ranged = response.responses.add().response_range
+            if kv is not None:
+                ranged.kvs.append(kv)
+        response.header.CopyFrom(self._header())
+        return self._reply("Txn", response)
+
+
+def store_on(fake: LostReplyEtcd) -> EtcdStore:
+    store = EtcdStore(EtcdSettings(endpoints=("http://10.0.0.1:2379", "http://10.0.0.2:2379")))
+
+    class Connection:
+        def __init__(self, index):
+            self.index, self.endpoint, self.kv, self.lease = index, store._endpoints[index], fake, fake
+    store._connections = {0: Connection(0), 1: Connection(1)}   # both "members" share one state
+    return store
+
+
+ATTRS = LeaseAttrs(IPv4Address("198.18.0.3"), 1, "c6:d2:00:00:00:03")
+SUBNET = IPv4Network("10.244.3.0/24")
+
+
+@pytest.mark.parametrize("lose", [{"LeaseGrant"}, {"Txn"}, {"LeaseGrant", "Txn"}])
+def test_a_claim_whose_reply_was_lost_is_still_ours(lose):
+    fake = LostReplyEtcd(lose)
+    lease = asyncio.run(store_on(fake).claim_subnet(SUBNET, ATTRS, ttl=60))
+    assert lease is not None and fake.leases == {lease.lease_id}
+    key = f"{SUBNETS}10.244.3.0-24".encode()
+    assert fake.keys[key].lease == lease.lease_id and lease.mod_revision == fake.keys[key].mod_revision
+    assert "LeaseRevoke" not in fake.calls
+
+
+def test_a_lost_claim_revokes_its_lease():
+    fake = LostReplyEtcd(set())
+    winner = asyncio.run(store_on(fake).claim_subnet(SUBNET, ATTRS, ttl=60))
+    assert asyncio.run(store_on(fake).claim_subnet(SUBNET, ATTRS, ttl=60)) is None
+    assert fake.leases == {winner.lease_id}
+
+
+def test_an_update_whose_reply_was_lost_is_not_reported_as_lost():
+    fake = LostReplyEtcd(set())
+    lease = asyncio.run(store_on(fake).claim_subnet(SUBNET, ATTRS, ttl=60))
+    fake.lose = {"Txn"}
+    changed = LeaseAttrs(ATTRS.public_ip, 2, ATTRS.vtep_mac)
+    updated = asyncio.run(store_on(fake).update_lease_attrs(lease, changed))
+    assert updated.attrs == changed and updated.mod_revision == fake.revision
+    with pytest.raises(LeaseLost):    # and a real change by someone else still is
+        asyncio.run(store_on(fake).update_lease_attrs(lease, ATTRS))
