@@ -274,6 +274,15 @@ def underlay_warnings() -> list[str]:
     return []
 
 
+def first_free_underlay(taken: Iterable[IPv4Network], pool: IPv4Network = UNDERLAY_POOL) -> IPv4Network:
+    """The first /24 of pool that overlaps nothing in taken (routes, addresses, other labs)."""
+    taken = list(taken)
+    for candidate in pool.subnets(new_prefix=24):
+        if not any(candidate.overlaps(network) for network in taken):
+            return candidate
+    raise LabError(f"every /24 of {pool} is in use; take a lab down (overlayctl lab down --all)")
+
+
 def _state_path(name: str) -> Path:
     return LAB_ROOT / name / "state.json"
 
@@ -516,11 +525,7 @@ class Lab:
         return self
 
     def _choose_underlay(self) -> IPv4Network:
-        taken = _routed_networks() + _claimed_underlays()
-        for candidate in UNDERLAY_POOL.subnets(new_prefix=24):
-            if not any(candidate.overlaps(network) for network in taken):
-                return candidate
-        raise LabError(f"every /24 of {UNDERLAY_POOL} is in use; take a lab down (overlayctl lab down --all)")
+        return first_free_underlay(_routed_networks() + _claimed_underlays())
 
     def _address(self, host_part: int) -> IPv4Address:
         return self.underlay.network_address + host_part
@@ -686,19 +691,29 @@ class Lab:
 
     # ---------------------------------------------------------------- observing
 
-    def exec(self, which: "str | int | LabHost", argv: Sequence[str], check: bool = False,
-             timeout: float = 30.0, input: str | None = None) -> subprocess.CompletedProcess:
-        """Run argv inside the host's namespace; text output captured."""
-        host = self.host(which)
-        return _run(["ip", "netns", "exec", host.netns, *argv], input=input, check=check, timeout=timeout)
+    def in_netns(self, which: "str | int | LabHost", argv: Sequence[str], nsenter: bool = False) -> list[str]:
+        """argv prefixed to run in the host's network namespace.
 
-    def spawn(self, which: "str | int | LabHost", argv: Sequence[str], **popen_kwargs) -> subprocess.Popen:
+        `ip netns exec` also gives the command a private /sys for the namespace (what most tools
+        want); nsenter=True enters only the network namespace, which container runtimes need: under
+        `ip netns exec` runc finds no cgroup mount (shared FACTS)."""
+        host = self.host(which)
+        if nsenter:
+            return ["nsenter", f"--net=/run/netns/{host.netns}", "--", *argv]
+        return ["ip", "netns", "exec", host.netns, *argv]
+
+    def exec(self, which: "str | int | LabHost", argv: Sequence[str], check: bool = False,
+             timeout: float = 30.0, input: str | None = None, nsenter: bool = False) -> subprocess.CompletedProcess:
+        """Run argv inside the host's namespace; text output captured."""
+        return _run(self.in_netns(which, argv, nsenter), input=input, check=check, timeout=timeout)
+
+    def spawn(self, which: "str | int | LabHost", argv: Sequence[str], nsenter: bool = False,
+              **popen_kwargs) -> subprocess.Popen:
         """Start argv in the host's namespace in the background (an iperf3 server, a sniffer).
 
         The caller waits for or kills it; `down` kills whatever is still running in the namespace."""
-        host = self.host(which)
         popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
-        return subprocess.Popen(["ip", "netns", "exec", host.netns, *argv], **popen_kwargs)
+        return subprocess.Popen(self.in_netns(which, argv, nsenter), **popen_kwargs)
 
     def subnet(self, which: "str | int | LabHost") -> IPv4Network | None:
         """The host's subnet from its subnet.env, or None before the daemon wrote it."""

@@ -140,7 +140,8 @@ def down(name: str, every: bool) -> None:
     except LabError as exc:
         _fail(exc)
     for lab_name, objects in removed.items():
-        click.echo(f"lab {lab_name}: removed {len(objects)} namespace(s)/link(s)")
+        click.echo(f"lab {lab_name}: removed {', '.join(objects)}" if objects else
+                   f"lab {lab_name}: nothing left to remove")
     if not removed:
         click.echo("no lab found")
 
