@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from overlay.lab import (LAB_ROOT, Lab, LabError, list_links, list_netns, netns_pids, pid_alive,
-                         teardown)
+                         teardown, wait_until)
 from overlay.lab_cli import lab as lab_command
 
 BIN = Path(sys.executable).parent
@@ -112,10 +112,14 @@ def test_down_cleans_up_after_a_crash(lab_name, state):
                         capture_output=True, text=True, timeout=60)
     assert up.returncode == 0, up.stderr
     stray = start_stray(f"ovl-{lab_name}-h1")
+    wait_until(lambda: stray in netns_pids(f"ovl-{lab_name}-h1"), time.monotonic() + 20,
+               "the stray process to enter the namespace")
     pids = lab_pids(lab_name)
-    assert stray in pids or pid_alive(stray)
     for pid in pids:
-        os.kill(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # a daemon that had already exited
     survivor = start_stray(f"ovl-{lab_name}-h2")   # and one that is still running at `down`
     if state == "state lost":
         (LAB_ROOT / lab_name / "state.json").unlink()
