@@ -30,6 +30,7 @@ import random
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -80,6 +81,12 @@ class Daemon:
         self.lease_lost = asyncio.Event()
         self.stopping = asyncio.Event()
         self._last_logged_peers: int | None = None
+        # Every kernel call runs on this one thread: pyroute2's synchronous API drives an event
+        # loop of its own and refuses to run inside ours, and one thread keeps the calls in order.
+        self._netlink_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
+
+    async def _in_netlink_thread(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._netlink_thread, function, *args)
 
     # ---------------------------------------------------------------- start-up
 
@@ -92,8 +99,9 @@ class Daemon:
             health = await serve_health(self.status, self.settings.healthz_ip, self.settings.healthz_port)
         cni = None
         try:
-            self.kernel = Kernel()
-            self.underlay = self.kernel.underlay(self.settings.iface, self.settings.public_ip)
+            self.kernel = await self._in_netlink_thread(Kernel)
+            self.underlay = await self._in_netlink_thread(
+                self.kernel.underlay, self.settings.iface, self.settings.public_ip)
             log.info("underlay: %s, public IP %s, MTU %d", self.underlay.iface,
                      self.underlay.public_ip, self.underlay.mtu)
             if not await self._until_stopped(self._start()):
@@ -106,7 +114,8 @@ class Daemon:
             if health is not None:
                 health.close()
             if self.kernel is not None:
-                self.kernel.close()
+                await self._in_netlink_thread(self.kernel.close)
+            self._netlink_thread.shutdown(wait=False)
             await self.store.close()
             log.info("stopped; the data plane and the lease are left in place")
 
@@ -243,7 +252,8 @@ class Daemon:
 
     async def _serve(self) -> int:
         loop = asyncio.get_running_loop()
-        drift = self.kernel.watch_drift(lambda: loop.call_soon_threadsafe(self.dirty.set))
+        drift = await self._in_netlink_thread(
+            self.kernel.watch_drift, lambda: loop.call_soon_threadsafe(self.dirty.set))
         tasks = [asyncio.create_task(coro, name=name) for name, coro in (
             ("reconcile", self._reconcile_loop()),
             ("watch", self._watch_loop()),
@@ -282,18 +292,18 @@ class Daemon:
         started = time.monotonic()
         desired = desired_state(self.own, self.peers.values(), self.config, self.underlay)
         try:
-            actual = await asyncio.to_thread(self.kernel.read_state, desired.device.name)
+            actual = await self._in_netlink_thread(self.kernel.read_state, desired.device.name)
             changes = plan(desired, actual)
             if not changes.empty:
                 for line in changes.describe():
                     log.info("%s", line)
-                await asyncio.to_thread(self.kernel.apply, changes)
+                await self._in_netlink_thread(self.kernel.apply, changes)
                 self.status.changes_applied += len(changes.describe())
             if changes.create_device is not None or not self.status.data_plane_ready:
-                await asyncio.to_thread(self._apply_host_settings)
-            elif not await asyncio.to_thread(firewall.rules_present):
+                await self._in_netlink_thread(self._apply_host_settings)
+            elif not await self._in_netlink_thread(firewall.rules_present):
                 log.info("firewall rules missing: restoring them")
-                await asyncio.to_thread(self._apply_host_settings)
+                await self._in_netlink_thread(self._apply_host_settings)
             self.status.in_sync = True
         except OverlayError as exc:
             self.status.in_sync = False
