@@ -167,6 +167,17 @@ def pid_alive(pid: int | None) -> bool:
     return stat[stat.rfind(")") + 2:stat.rfind(")") + 3] not in ("Z", "X")
 
 
+def pid_in_netns(pid: int | None, netns: str) -> bool:
+    """pid is alive and lives in network namespace netns: a recorded pid is only trusted (and
+    signalled) when both hold, so a pid the kernel reused for another process is left alone."""
+    if not pid_alive(pid):
+        return False
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{netns}").st_ino
+    except OSError:
+        return False
+
+
 def kill_pids(pids: Iterable[int], grace: float = 3.0, first_signal: int = signal.SIGTERM) -> list[int]:
     """first_signal to every pid, SIGKILL to those still alive after grace; returns the survivors."""
     pids = [pid for pid in set(pids) if pid_alive(pid)]
@@ -631,7 +642,7 @@ class Lab:
     def start_daemon(self, which: "str | int | LabHost", extra_args: Sequence[str] = ()) -> int:
         """Start overlayd in the host's namespace, detached; returns its pid."""
         host = self.host(which)
-        if pid_alive(self.daemon_pid(host)):
+        if self.daemon_pid(host) is not None:
             raise LabError(f"{host.name}: overlayd is already running (pid {self.daemon_pid(host)})")
         argv = self.daemon_command(host, extra_args)
         host.run_dir.mkdir(parents=True, exist_ok=True)
@@ -654,8 +665,10 @@ class Lab:
         pid = raw.get("daemon_pid")
         child = self._daemons.get(host.name)
         if child is not None and child.pid == pid:
-            child.poll()  # reap it if it has exited
-        return pid if pid_alive(pid) else None
+            # Our own child: trusted without the namespace check, which fails for the first
+            # milliseconds, before `ip netns exec` has entered the namespace.
+            return pid if child.poll() is None else None
+        return pid if pid_in_netns(pid, host.netns) else None
 
     def stop_daemon(self, which: "str | int | LabHost", sig: int = signal.SIGTERM,
                     timeout: float = 10.0) -> None:
@@ -757,7 +770,8 @@ class Lab:
                 "netns": [member.netns for member in members],
                 "prefix": self.prefix,
                 "members": [{"name": member.name, "netns": member.netns, "client_url": member.client_url,
-                             "pid": pids.get(member.name) if pid_alive(pids.get(member.name)) else None}
+                             "pid": pids.get(member.name) if pid_in_netns(pids.get(member.name), member.netns)
+                             else None}
                             for member in members],
             },
             "hosts": [{
