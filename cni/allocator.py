@@ -197,7 +197,8 @@ class _Transaction:
         try:
             self._lock_fd = os.open(self.store.directory / _LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             # flock, not fcntl record locks: those are per process and would not keep the
-            # service's own threads apart. flock locks belong to the open file description.
+            # service's own threads apart. flock locks belong to the open file description, so a
+            # forked child shares it until it execs (O_CLOEXEC); never fork without exec here.
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH)
             try:
                 text = (self.store.directory / _STATE_FILE).read_text()

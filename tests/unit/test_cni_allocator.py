@@ -1,0 +1,140 @@
+"""IP allocation: pure pool logic and the locked file store (no root)."""
+
+import multiprocessing
+import os
+import stat
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from cni.allocator import (AllocationStore, AttachmentKey, PoolState, allocate, decode_state, encode_state, release,
+                           release_unlisted, store_dir, usable_addresses)
+from cni.errors import PoolExhausted, StateFailure
+
+SUBNET = IPv4Network("10.244.3.0/24")
+GATEWAY = IPv4Address("10.244.3.1")
+
+
+def key(n, network="net", ifname="eth0"):
+    return AttachmentKey(network, f"c{n}", ifname)
+
+
+def take(state, k, subnet=SUBNET, gateway=GATEWAY):
+    return allocate(state, k, subnet, gateway, f"ovlv{k.container_id}", f"/run/netns/{k.container_id}")
+
+
+def test_pool_excludes_network_gateway_broadcast():
+    pool = usable_addresses(SUBNET, GATEWAY)
+    assert len(pool) == 253 and pool[0] == IPv4Address("10.244.3.2") and pool[-1] == IPv4Address("10.244.3.254")
+
+
+def test_distinct_addresses_and_same_address_on_repeat():
+    state = PoolState()
+    seen = set()
+    for n in range(20):
+        state, allocation, new = take(state, key(n))
+        assert new and allocation.address not in seen
+        seen.add(allocation.address)
+    again_state, again, new = take(state, key(7))
+    assert not new and again == state.find(key(7)) and again_state == state
+
+
+def test_same_container_other_ifname_or_network_gets_its_own_address():
+    state, a, _ = take(PoolState(), key(1))
+    state, b, _ = take(state, key(1, ifname="net1"))
+    state, c, _ = take(state, key(1, network="other"))
+    assert len({a.address, b.address, c.address}) == 3
+
+
+def test_round_robin_does_not_reuse_a_released_address_at_once():
+    state, first, _ = take(PoolState(), key(1))
+    state, _ = release(state, key(1))
+    state, second, _ = take(state, key(2))
+    assert second.address != first.address
+
+
+def test_exhaustion_is_a_clear_error_and_wraps_around():
+    subnet, gateway = IPv4Network("10.9.0.0/29"), IPv4Address("10.9.0.1")
+    state = PoolState()
+    for n in range(5):
+        state, _, _ = take(state, key(n), subnet, gateway)
+    with pytest.raises(PoolExhausted, match="10.9.0.0/29"):
+        take(state, key(99), subnet, gateway)
+    state, freed = release(state, key(2))
+    state, reused, _ = take(state, key(99), subnet, gateway)
+    assert reused.address == freed.address
+
+
+def test_release_is_idempotent():
+    state, _, _ = take(PoolState(), key(1))
+    state, released = release(state, key(1))
+    assert released is not None and release(state, key(1)) == (state, None)
+
+
+def test_release_unlisted_touches_only_its_network():
+    state = PoolState()
+    for k in (key(1), key(2), key(3), key(4, network="other")):
+        state, _, _ = take(state, k)
+    state, released = release_unlisted(state, "net", frozenset({("c1", "eth0")}))
+    assert {a.key for a in released} == {key(2), key(3)}
+    assert {a.key for a in state.allocations} == {key(1), key(4, network="other")}
+
+
+def test_serialisation_round_trip_and_corruption():
+    state = PoolState()
+    for n in range(3):
+        state, _, _ = take(state, key(n))
+    assert decode_state(encode_state(state)) == PoolState(tuple(sorted(state.allocations, key=lambda a: a.address)),
+                                                          state.last)
+    for text in ("{", '{"format": 2}', '{"format": 1, "allocations": [{"network": "n"}]}'):
+        with pytest.raises(StateFailure):
+            decode_state(text)
+
+
+def test_store_persists_with_tight_permissions(tmp_path):
+    store = AllocationStore(store_dir(tmp_path))
+    with store.transaction() as txn:
+        state, allocation, _ = take(txn.state, key(1))
+        txn.commit(state)
+    assert AllocationStore(store_dir(tmp_path)).lookup(key(1)) == allocation
+    assert stat.S_IMODE(os.stat(store_dir(tmp_path)).st_mode) == 0o700
+    for name in os.listdir(store_dir(tmp_path)):
+        assert stat.S_IMODE(os.stat(store_dir(tmp_path) / name).st_mode) == 0o600
+
+
+def test_store_without_commit_changes_nothing(tmp_path):
+    store = AllocationStore(tmp_path / "s")
+    with store.transaction() as txn:
+        take(txn.state, key(1))
+    assert store.lookup(key(1)) is None
+
+
+def _allocate_many(directory, prefix, count):
+    store = AllocationStore(directory)
+    addresses = []
+    for n in range(count):
+        with store.transaction() as txn:
+            state, allocation, _ = take(txn.state, AttachmentKey("net", f"{prefix}-{n}", "eth0"))
+            txn.commit(state)
+        addresses.append(str(allocation.address))
+    return addresses
+
+
+def test_concurrent_threads_and_processes_never_share_an_address(tmp_path):
+    directory = tmp_path / "ipam"
+    results = []
+    threads = [threading.Thread(target=lambda p=p: results.extend(_allocate_many(directory, f"t{p}", 10)))
+               for p in range(4)]
+    for thread in threads:
+        thread.start()
+    # spawn, not fork: a forked child would inherit a thread's open lock file description and
+    # with it the flock (exec would drop it, thanks to O_CLOEXEC, but multiprocessing never execs).
+    with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for addresses in pool.map(_allocate_many, [directory] * 4, [f"p{p}" for p in range(4)], [10] * 4):
+            results.extend(addresses)
+    for thread in threads:
+        thread.join()
+    assert len(results) == 80 and len(set(results)) == 80
+    assert len(AllocationStore(directory).read().allocations) == 80
