@@ -209,7 +209,11 @@ class Daemon:
                         continue
                     self._set_own(claimed, "claimed a new lease")
                 self.peers = {lease.subnet: lease for lease in leases if lease.subnet != self.own.subnet}
-                self.revision = max(revision, self.own.mod_revision)
+                # Watch from the listing's revision, not from our own claim's (which is later):
+                # leases other hosts claimed in between are only seen by a watch that starts
+                # here. Starting after our claim lost them, the bug flannel has when many hosts
+                # join at once.
+                self.revision = revision
                 self.lease_lost.clear()
                 self.dirty.set()
                 return
