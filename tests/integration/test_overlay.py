@@ -241,3 +241,58 @@ def test_a_new_host_converges_on_the_others(lab):
           f"routed by 5 peers {converged_after:.2f} s after start")
     lab.wait_converged(timeout=60)
     assert lab.ping("h1", subnet.network_address) is not None
+
+
+def test_health_metrics_and_systemd_readiness(lab, tmp_path):
+    import socket
+    import urllib.request
+
+    lab.up(hosts=2, start_daemons=False)
+    # systemd's side of sd_notify: a datagram socket named by NOTIFY_SOCKET.
+    notify_path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify_path))
+    listener.settimeout(60)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("NOTIFY_SOCKET", str(notify_path))
+            lab.start_daemon("h1")
+        lab.start_daemon("h2")
+        message = listener.recv(4096).decode()
+        assert "READY=1" in message
+        # READY is sent only once the subnet file exists: the CNI plugin can rely on it.
+        assert lab.subnet("h1") is not None
+    finally:
+        listener.close()
+    lab.wait_converged(timeout=90)
+
+    def get(path: str) -> str:
+        with urllib.request.urlopen(lab.host("h1").url(path), timeout=10) as response:
+            return response.read().decode()
+
+    assert get("/healthz").strip() == "ok"
+    assert get("/readyz").strip() == "ready"
+
+    def metrics() -> dict[str, float]:
+        return {line.split()[0]: float(line.split()[1]) for line in get("/metrics").splitlines()
+                if line and not line.startswith("#")}
+
+    wait_for(lambda: metrics()["overlay_peers"] == 1, "overlay_peers to count h2")
+    values = metrics()
+    assert values["overlay_ready"] == 1 and values["overlay_in_sync"] == 1
+    assert values["overlay_reconcile_runs_total"] >= 1
+    assert 0 < values["overlay_lease_seconds_left"] <= 24 * 3600
+
+
+def test_the_lease_is_renewed_before_it_expires(lab):
+    ttl = 2
+    lab.up(hosts=2, subnet_lease_ttl=ttl)
+    lab.wait_converged(timeout=90)
+    key = subnet_key(PREFIX, lab.subnet("h1"))
+    first = json.loads(lab.etcdctl("get", key, "-w", "json").stdout)["kvs"][0]["lease"]
+    # Watch the key for four TTLs: it must never lapse, and stay bound to the same etcd lease.
+    watched_until = time.monotonic() + 4 * ttl
+    while time.monotonic() < watched_until:
+        found = json.loads(lab.etcdctl("get", key, "-w", "json").stdout).get("kvs", [])
+        assert found and found[0]["lease"] == first, f"lease of {key} lapsed or was replaced"
+    assert lab.ready("h1") and lab.converged()
