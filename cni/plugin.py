@@ -30,6 +30,7 @@ from cni.errors import CniFailure, ServiceUnavailable, NotReady, cni_code
 # Long enough for an ADD queued behind others on a busy host; the runtime has its own timeout.
 SERVICE_TIMEOUT_S = 60.0
 _READ_CHUNK = 65536
+CONNECT_RETRY_S = 5.0
 
 
 def main(environ=None, stdin=None, stdout=None) -> int:
@@ -75,11 +76,7 @@ def forward(invocation, environ, stdin) -> tuple:
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.settimeout(SERVICE_TIMEOUT_S)
-        try:
-            sock.connect(path)
-        except OSError as exc:
-            raise ServiceUnavailable(f"the overlay daemon is not reachable on {path} ({exc.strerror}); "
-                                     "try again later") from None
+        _connect(sock, path)
         try:
             sock.sendall(request)
             sock.shutdown(_socket.SHUT_WR)
@@ -100,6 +97,29 @@ def forward(invocation, environ, stdin) -> tuple:
         # rolls back what it cannot finish; the runtime may simply retry.
         raise ServiceUnavailable("the overlay daemon closed the connection without an answer; try again later")
     return int(status), text
+
+
+def _connect(sock, path: str) -> None:
+    """Connect, riding out a full listen backlog (EAGAIN: a burst of containers starting) for a
+    few seconds; a missing socket or a refused connection means the daemon is down."""
+    import time
+    deadline = None
+    delay = 0.002
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            now = time.monotonic()
+            deadline = deadline or now + CONNECT_RETRY_S
+            if now < deadline:
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
+                continue
+            raise ServiceUnavailable(f"the overlay daemon on {path} is overloaded; try again later") from None
+        except OSError as exc:
+            raise ServiceUnavailable(f"the overlay daemon is not reachable on {path} ({exc.strerror}); "
+                                     "try again later") from None
 
 
 def _without_service(invocation, unavailable: ServiceUnavailable) -> tuple:

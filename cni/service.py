@@ -254,6 +254,9 @@ class _Handler(socketserver.StreamRequestHandler):
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    # A runtime may start dozens of containers at once; socketserver's default backlog of 5
+    # would turn the excess into EAGAIN at connect.
+    request_queue_size = 256
     # The address is bound to a temporary name first (see CniService.start).
     allow_reuse_address = False
 
