@@ -193,7 +193,7 @@ def test_hosts_become_ready_and_reach_each_other_over_the_overlay(lab_name):
     with Lab(lab_name) as lab:
         started = time.monotonic()
         lab.up(hosts=3)
-        lab.wait_converged(timeout=90)
+        lab.wait_converged(timeout=60)
         print(f"3 hosts ready and converged {time.monotonic() - started:.1f} s after up began")
         report = lab.status()
         subnets = [host["subnet"] for host in report["hosts"]]
