@@ -85,7 +85,7 @@ def parse_config(text: str | bytes) -> NetworkConfig:
         raise ConfigError("config", "must be a JSON object")
     unknown = sorted(set(raw) - _TOP_LEVEL_FIELDS)
     if unknown:
-        raise ConfigError(unknown[0], f"unknown field (known: {', '.join(sorted(_TOP_LEVEL_FIELDS))})")
+        raise ConfigError(_shown(unknown[0]), f"unknown field (known: {', '.join(sorted(_TOP_LEVEL_FIELDS))})")
     if raw.get("EnableIPv4", True) is not True:
         raise ConfigError("EnableIPv4", "only IPv4 overlays are supported; it must be true or absent")
     if raw.get("EnableIPv6", False) is not False or raw.get("IPv6Network") not in (None, ""):
@@ -155,7 +155,7 @@ def _parse_backend(raw: Any) -> VxlanBackend:
         raise ConfigError("Backend", "must be a JSON object")
     unknown = sorted(set(raw) - _BACKEND_FIELDS)
     if unknown:
-        raise ConfigError(f"Backend.{unknown[0]}", "unknown field (known: Type, VNI, Port, DirectRouting)")
+        raise ConfigError(f"Backend.{_shown(unknown[0])}", "unknown field (known: Type, VNI, Port, DirectRouting)")
     kind = raw.get("Type", "vxlan")
     if kind != "vxlan":
         raise ConfigError("Backend.Type", f"{kind!r} is not supported; only \"vxlan\"")
@@ -173,3 +173,8 @@ def _parse_backend(raw: Any) -> VxlanBackend:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shown(field_name: str) -> str:
+    """A field name as an error message shows it: an empty key would otherwise vanish."""
+    return field_name or '""'
