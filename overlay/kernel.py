@@ -31,6 +31,8 @@ Design
   and calls back (no arguments: the daemon only marks its state dirty and reconciles). Nothing is
   programmed from the thread. If the socket overflows (ENOBUFS: events were lost) it calls back
   too, since a lost event may have been ours.
+* pyroute2's synchronous IPRoute runs its own asyncio loop and cannot be called from a thread
+  running another (the daemon's main thread): it lives in a worker thread (_IPRouteThread).
 * Namespaces. Kernel(None) works in the calling process's namespace (the daemon runs inside its
   host's namespace). Kernel("name") drives /run/netns/name, for tests: IPRoute(netns=, flags=0),
   where flags=0 keeps pyroute2 from creating a missing namespace, and for our own sockets and the
@@ -48,6 +50,7 @@ import select
 import socket
 import struct
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Callable, Iterable
@@ -121,8 +124,9 @@ class Kernel:
         self._sequence = 0
         self._last_device_name = ""
         self._watches: list[DriftWatch] = []
+        self._closed = False
         try:
-            self._ipr = IPRoute(netns=netns, flags=0) if netns else IPRoute()
+            self._ipr = _IPRouteThread(netns)
         except (OSError, NetlinkError) as exc:
             raise KernelError(f"cannot open netlink in namespace {netns or '(current)'}: {exc}") from None
         try:
@@ -132,6 +136,10 @@ class Kernel:
             raise KernelError(f"cannot open netlink in namespace {netns or '(current)'}: {exc}") from None
 
     def close(self) -> None:
+        """Stop any drift watch still running and close the sockets; a second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         for watch in list(self._watches):
             watch.stop()
         self._ipr.close()
@@ -630,6 +638,40 @@ def _translate(exc: NetlinkError, what: str) -> KernelError:
 
 
 # ---------------------------------------------------------------------- namespaces and sockets
+
+
+class _IPRouteThread:
+    """pyroute2's IPRoute, called from whatever thread, run in one thread of its own.
+
+    The synchronous IPRoute of pyroute2 0.9 drives a private asyncio loop with
+    run_until_complete(), which asyncio refuses in a thread where a loop is already running, as
+    in the daemon's main thread; created there it even adopts the daemon's loop. So the IPRoute
+    is created and used only in this worker thread, and callers wait for its answers.
+    """
+
+    def __init__(self, netns: str | None):
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="overlay-pyroute2")
+        try:
+            self._ipr = self._worker.submit(lambda: IPRoute(netns=netns, flags=0) if netns else IPRoute()).result()
+        except BaseException:
+            self._worker.shutdown(wait=False)
+            raise
+
+    def link(self, *args, **kwargs):
+        return self._worker.submit(self._ipr.link, *args, **kwargs).result()
+
+    def addr(self, *args, **kwargs):
+        return self._worker.submit(self._ipr.addr, *args, **kwargs).result()
+
+    def route(self, *args, **kwargs):
+        return self._worker.submit(self._ipr.route, *args, **kwargs).result()
+
+    def close(self) -> None:
+        try:
+            self._worker.submit(self._ipr.close).result()
+        finally:
+            self._worker.shutdown(wait=True)
+
 
 _libc = ctypes.CDLL(None, use_errno=True)
 

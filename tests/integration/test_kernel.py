@@ -12,6 +12,7 @@ and, where it matters, independently through iproute2's own view (ip, bridge).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import threading
@@ -411,6 +412,28 @@ def test_a_missing_namespace_is_an_error_and_is_not_created():
     with pytest.raises(KernelError, match=name):
         Kernel(name)
     assert name not in sh("ip", "netns", "list")
+
+
+def test_usable_from_a_thread_running_an_event_loop(lab):
+    """The daemon makes and calls its Kernel inside asyncio.run(), and in to_thread() workers."""
+    a, b = lab(), lab()
+
+    async def like_the_daemon():
+        kernel = Kernel(a.ns)
+        try:
+            underlay = kernel.underlay(None, None)
+            wanted = desired_state(a.lease, [b.lease], CONFIG, underlay)
+            changes = plan(wanted, await asyncio.to_thread(kernel.read_state, DEVICE))
+            await asyncio.to_thread(kernel.apply, changes)
+            watch = kernel.watch_drift(lambda: None)
+            watch.stop()
+            return wanted, await asyncio.to_thread(kernel.read_state, DEVICE)
+        finally:
+            kernel.close()
+            kernel.close()
+
+    wanted, actual = asyncio.run(like_the_daemon())
+    assert actual == wanted
 
 
 def test_ip_forward(lab):
