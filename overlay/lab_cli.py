@@ -188,7 +188,8 @@ def demo(ctx: click.Context, name: str, hosts: int, timeout: float) -> None:
                f"  overlayctl lab status --name {name}\n"
                f"  ip netns exec {handle.hosts[0].netns} ip route show dev {handle.vxlan_device}\n"
                f"  overlayctl lab restart h2 --name {name}\n"
-               f"take it down with: overlayctl lab down --name {name}   (or: make lab-down)")
+               f"take it down with: overlayctl lab down --name {name}"
+               + ("   (or: make lab-down)" if name == DEFAULT_LAB_NAME else ""))
     if failures:
         click.echo(f"unreachable: {', '.join(f'{a}->{b}' for a, b in failures)}", err=True)
         sys.exit(1)
