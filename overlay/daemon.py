@@ -305,8 +305,8 @@ class Daemon:
                 self.status.changes_applied += len(changes.describe())
             if changes.create_device is not None or not self.status.data_plane_ready:
                 await self._in_netlink_thread(self._apply_host_settings)
-            elif not await self._in_netlink_thread(firewall.rules_present):
-                log.info("firewall rules missing: restoring them")
+            elif not await self._in_netlink_thread(self._host_settings_present):
+                log.info("ip forwarding off or firewall rules changed: restoring them")
                 await self._in_netlink_thread(self._apply_host_settings)
             self.status.in_sync = True
         except OverlayError as exc:
@@ -324,6 +324,9 @@ class Daemon:
             if self.status.peers != self._last_logged_peers:
                 log.info("%d peers programmed (reconcile %.1f ms)", self.status.peers, elapsed * 1000)
                 self._last_logged_peers = self.status.peers
+
+    def _host_settings_present(self) -> bool:
+        return self.kernel.ip_forward() and firewall.rules_present()
 
     def _apply_host_settings(self) -> None:
         self.kernel.set_ip_forward(True)

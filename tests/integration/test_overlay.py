@@ -296,3 +296,21 @@ def test_the_lease_is_renewed_before_it_expires(lab):
         found = json.loads(lab.etcdctl("get", key, "-w", "json").stdout).get("kvs", [])
         assert found and found[0]["lease"] == first, f"lease of {key} lapsed or was replaced"
     assert lab.ready("h1") and lab.converged()
+
+
+def test_forwarding_and_firewall_rules_are_restored(lab):
+    lab.up(hosts=2)
+    lab.wait_converged(timeout=90)
+
+    def forwarding() -> bool:
+        return lab.exec("h1", ["sysctl", "-n", "net.ipv4.ip_forward"], check=True).stdout.strip() == "1"
+
+    def masquerading() -> bool:
+        rules = lab.exec("h1", ["iptables", "-t", "nat", "-S", "POSTROUTING"], check=True).stdout
+        return "OVERLAY-POSTRTG" in rules
+
+    assert forwarding() and masquerading()
+    lab.exec("h1", ["sysctl", "-w", "net.ipv4.ip_forward=0"], check=True)
+    lab.exec("h1", ["iptables", "-t", "nat", "-F", "POSTROUTING"], check=True)
+    # Nothing netlink reports: the jittered resync (at most 10 s) is what repairs these.
+    wait_for(lambda: forwarding() and masquerading(), "ip_forward and masquerade restored", timeout=40)
