@@ -42,9 +42,14 @@ _libc = ctypes.CDLL(None, use_errno=True)
 DEFAULT_ROUTE = IPv4Network("0.0.0.0/0")
 
 
-def mac_for(address: IPv4Address) -> str:
-    """A locally administered MAC carrying the IPv4 address, as OVN-Kubernetes does (0a:58:...)."""
-    return "0a:58:" + ":".join(f"{b:02x}" for b in address.packed)
+def mac_for(address: IPv4Address, prefix: str = "0a:58") -> str:
+    """A locally administered MAC carrying the IPv4 address, as OVN-Kubernetes does (0a:58:...).
+    The host end of a container's veth uses 0a:59 with the container's address."""
+    return prefix + ":" + ":".join(f"{b:02x}" for b in address.packed)
+
+
+class LinkExists(InterfaceConflict):
+    """A link of the requested name exists already (the caller finds out which one)."""
 
 
 @dataclass(frozen=True)
@@ -191,15 +196,17 @@ class Links:
             raise _kernel_error(f"setting up bridge {name}", exc) from None
         return bridge
 
-    def create_veth(self, host_name: str, peer_name: str, netns_fd: int, mtu: int, peer_mac: str) -> None:
+    def create_veth(self, host_name: str, host_mac: str, bridge_index: int, peer_name: str, netns_fd: int,
+                    mtu: int, peer_mac: str) -> None:
+        """Both ends in one request: the host end already on the bridge and up, the container end
+        in the container's namespace under its final name (down; the caller configures it)."""
         try:
-            self.ipr.link("add", ifname=host_name, kind="veth", mtu=mtu,
+            self.ipr.link("add", ifname=host_name, kind="veth", mtu=mtu, address=host_mac, master=bridge_index,
+                          state="up",
                           peer={"ifname": peer_name, "net_ns_fd": netns_fd, "mtu": mtu, "address": peer_mac})
         except NetlinkError as exc:
             if exc.code == errno.EEXIST:
-                # The host name was checked free just before, so the name taken is the container's.
-                raise InterfaceConflict(f"{peer_name} already exists in the container "
-                                        f"(or {host_name} on the host)") from None
+                raise LinkExists(f"{peer_name} already exists in the container or {host_name} on the host") from None
             raise _kernel_error(f"creating veth {host_name}", exc) from None
 
     def attach(self, index: int, bridge_index: int) -> None:
