@@ -34,6 +34,17 @@ Design notes
 - Waiting is polling against a deadline (`wait_until`), never a fixed sleep: readiness is the
   daemon's /readyz; convergence is the kernel's end state (a route to every peer's subnet on the
   VXLAN device in each host namespace); reachability is a ping over the overlay.
+
+The API at a glance (the CLI, the demo, the tests and the benchmarks all use it):
+
+    with Lab("t1") as lab:                  # leaving the block always tears the lab down
+        lab.up(hosts=3, etcd_members=1)     # network=, subnet_lease_ttl=, start_daemons=, daemon_args=
+        lab.wait_converged(timeout=60)      # wait_ready(); then a VXLAN route to every peer everywhere
+        lab.reachability()                  # {(from, to): rtt ms or None} over the overlay
+        lab.exec("h1", ["ip", "route"])     # spawn() for background work; nsenter=True for runtimes
+        lab.restart("h2"); lab.stop_daemon("h2", sig); lab.kill_daemon("h2"); lab.start_daemon("h2")
+        lab.add_host(); lab.remove_host("h3"); lab.status(); lab.etcdctl("get", ...); lab.etcd_settings()
+    teardown("t1"); teardown_all()          # from what exists, whatever the state
 """
 
 from __future__ import annotations
