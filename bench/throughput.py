@@ -1,0 +1,173 @@
+"""Throughput: iperf3 TCP (1 and 4 streams) and UDP over ours, the underlay and a hand-built VXLAN.
+
+Design notes
+- One lab of two hosts; paths from bench.paths (all between the same two namespaces). An iperf3
+  server per path runs in the server's namespace bound to that path's address, each on its own
+  port, for the whole benchmark; the client runs in the other host's namespace.
+- Rounds: in each round every (mode, path) pair runs once, paths in a rotating order, so slow
+  minutes of a noisy machine hit every path alike. The ratio ours / hand-built (and ours /
+  underlay) is computed per round and mode from the two runs of that round, then summarised.
+  Target from issue 5: ours >= 0.98 x the hand-built VXLAN.
+- TCP figures are the receiver's (`sum_received`), after `--omit` warm-up seconds when the run is
+  long enough. UDP runs unlimited (`-b 0`) with one datagram size for every path, the largest
+  that fits the overlay MTU without fragmenting (MTU - 28), and the figure is what the receiver
+  got (sender rate x (1 - loss)), with the loss reported beside it.
+- MTU and offloads of the devices on each path go into the JSON (bench.paths.device_facts), with
+  the settings where ours and the hand-built device differ.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+
+from overlay.lab import Lab, wait_until
+
+from .common import Progress, bench_lab, machine, now_iso, summary, write_result
+from .paths import NetPath, all_paths, device_facts, setting_differences
+
+BASE_PORT = 5201
+MODES = ("tcp1", "tcp4", "udp")
+
+
+@dataclass(frozen=True)
+class ThroughputOptions:
+    seconds: float = 10.0
+    repeats: int = 5
+    omit: int = 1          # warm-up seconds iperf3 leaves out (when seconds > 2 * omit)
+
+    @classmethod
+    def smoke(cls) -> "ThroughputOptions":
+        return cls(seconds=1.0, repeats=1, omit=0)
+
+
+def _start_servers(lab: Lab, paths: list[NetPath]) -> dict[str, tuple[subprocess.Popen, int]]:
+    servers = {}
+    for offset, path in enumerate(paths):
+        port = BASE_PORT + offset
+        process = lab.spawn(path.server.host, ["iperf3", "-s", "-B", str(path.server.address), "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        servers[path.name] = (process, port)
+    for path in paths:
+        port = servers[path.name][1]
+        wait_until(lambda: f":{port}" in lab.exec(path.server.host, ["ss", "-Hltn", f"sport = :{port}"]).stdout,
+                   time.monotonic() + 15, f"iperf3 server of {path.name} listening")
+    return servers
+
+
+def _stop_servers(servers: dict[str, tuple[subprocess.Popen, int]]) -> None:
+    for process, _ in servers.values():
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process, _ in servers.values():
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _client_argv(path: NetPath, port: int, mode: str, options: ThroughputOptions, udp_len: int) -> list[str]:
+    argv = ["iperf3", "-c", str(path.server.address), "-B", str(path.client.address), "-p", str(port),
+            "-t", str(options.seconds), "-J"]
+    if options.omit and options.seconds > 2 * options.omit:
+        argv += ["-O", str(options.omit)]
+    if mode == "tcp4":
+        argv += ["-P", "4"]
+    if mode == "udp":
+        argv += ["-u", "-b", "0", "-l", str(udp_len)]
+    return argv
+
+
+def _parse(mode: str, raw: dict) -> dict:
+    end = raw.get("end", {})
+    if mode == "udp":
+        total = end.get("sum", {})
+        lost = float(total.get("lost_percent", 0.0))
+        sent_bps = float(total.get("bits_per_second", 0.0))
+        received = end.get("sum_received", {}).get("bits_per_second")
+        gbps = (float(received) if received is not None else sent_bps * (1 - lost / 100)) / 1e9
+        return {"gbps": gbps, "sender_gbps": sent_bps / 1e9, "lost_percent": lost,
+                "jitter_ms": total.get("jitter_ms")}
+    received = end.get("sum_received", {})
+    return {"gbps": float(received.get("bits_per_second", 0.0)) / 1e9,
+            "retransmits": end.get("sum_sent", {}).get("retransmits"),
+            "mss": raw.get("start", {}).get("tcp_mss_default")}
+
+
+def run_iperf(lab: Lab, path: NetPath, port: int, mode: str, options: ThroughputOptions, udp_len: int) -> dict:
+    argv = _client_argv(path, port, mode, options, udp_len)
+    for attempt in range(3):
+        result = lab.exec(path.client.host, argv, timeout=options.seconds + 60)
+        try:
+            raw = json.loads(result.stdout)
+        except ValueError:
+            raw = {"error": (result.stderr or result.stdout).strip()[-300:]}
+        if "error" not in raw:
+            return _parse(mode, raw)
+        # "the server is busy running a test": the previous test's teardown is still under way.
+        time.sleep(0.5)
+    raise RuntimeError(f"iperf3 {mode} over {path.name} failed: {raw['error']}")
+
+
+def run(results_dir, options: ThroughputOptions | None = None, progress: Progress | None = None) -> dict:
+    options = options or ThroughputOptions()
+    progress = progress or Progress("throughput")
+    payload = {"benchmark": "throughput", "started": now_iso(), "machine": machine(),
+               "options": options.__dict__, "not_measured": {}}
+    with bench_lab() as lab:
+        progress(f"lab {lab.name}: 2 hosts, etcd, 2 daemons")
+        lab.up(hosts=2)
+        lab.wait_converged(timeout=120)
+        paths = all_paths(lab)
+        if not any(path.name == "container" for path in paths):
+            payload["not_measured"]["container"] = "container to container needs the CNI plugin (issue 4)"
+        facts = {path.name: device_facts(lab, path) for path in paths}
+        overlay_mtu = facts["overlay"]["h1"]["mtu"]
+        udp_len = overlay_mtu - 28          # IPv4 20 + UDP 8: fills the overlay MTU, never fragments
+        payload["paths"] = {path.name: {"label": path.label, "client": str(path.client.address),
+                                        "server": str(path.server.address), "devices": facts[path.name]}
+                            for path in paths}
+        payload["udp_datagram_bytes"] = udp_len
+        payload["overlay_vs_handmade_setting_differences"] = setting_differences(facts["overlay"], facts["handmade"])
+        servers = _start_servers(lab, paths)
+        samples: dict[str, dict[str, list[dict]]] = {mode: {path.name: [] for path in paths} for mode in MODES}
+        try:
+            for round_index in range(options.repeats):
+                for mode in MODES:
+                    shift = (round_index + MODES.index(mode)) % len(paths)
+                    for path in paths[shift:] + paths[:shift]:
+                        sample = run_iperf(lab, path, servers[path.name][1], mode, options, udp_len)
+                        samples[mode][path.name].append(sample)
+                        progress(f"round {round_index + 1}/{options.repeats} {mode:4} {path.name:9} "
+                                 f"{sample['gbps']:6.2f} Gbit/s")
+        finally:
+            _stop_servers(servers)
+    results = {}
+    for mode in MODES:
+        per_path = {}
+        for name, runs in samples[mode].items():
+            entry = {"gbps": summary([r["gbps"] for r in runs]), "runs": runs}
+            if mode == "udp":
+                entry["lost_percent"] = summary([r["lost_percent"] for r in runs])
+            per_path[name] = entry
+        ours = [r["gbps"] for r in samples[mode]["overlay"]]
+        hand = [r["gbps"] for r in samples[mode]["handmade"]]
+        under = [r["gbps"] for r in samples[mode]["underlay"]]
+        results[mode] = {
+            "paths": per_path,
+            "ratio_ours_to_handmade": summary([o / h for o, h in zip(ours, hand) if h > 0]),
+            "ratio_ours_to_underlay": summary([o / u for o, u in zip(ours, under) if u > 0]),
+            "ratio_handmade_to_underlay": summary([h / u for h, u in zip(hand, under) if u > 0]),
+        }
+    payload["results"] = results
+    payload["target"] = {"what": "ours / hand-built VXLAN >= 0.98 (median per mode)",
+                         "met": {mode: results[mode]["ratio_ours_to_handmade"].get("median", 0) >= 0.98
+                                 for mode in MODES}}
+    payload["finished"] = now_iso()
+    path = write_result(results_dir, "throughput", payload)
+    progress(f"wrote {path}")
+    return payload
