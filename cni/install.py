@@ -52,7 +52,10 @@ def conflist(network_name: str, run_dir: str, bridge: str, portmap: bool) -> dic
     plugins = [plugin]
     if portmap:
         plugins.append({"type": "portmap", "capabilities": {"portMappings": True}, "snat": True})
-    return {"cniVersion": "1.0.0", "cniVersions": ["1.0.0", "1.1.0"], "name": network_name, "plugins": plugins}
+    # A runtime picks the highest of cniVersions it supports and sends it to every plugin of the
+    # list; the reference portmap here stops at 1.0.0, so with it 1.1.0 must not be offered.
+    versions = ["1.0.0"] if portmap else ["1.0.0", "1.1.0"]
+    return {"cniVersion": "1.0.0", "cniVersions": versions, "name": network_name, "plugins": plugins}
 
 
 def _write_atomically(path: Path, text: str, mode: int) -> None:

@@ -58,6 +58,7 @@ log = logging.getLogger("overlay.cni")
 HOST_VETH_PREFIX = "ovlv"
 HOST_VETH_MAC_PREFIX = "0a:59"
 BRIDGE_RECHECK_S = 1.0
+REQUEST_TIMEOUT_S = 10.0
 _HOST_VETH_HASH_LEN = 15 - len(HOST_VETH_PREFIX)
 _MAX_REQUEST_BYTES = 2 << 20
 
@@ -275,9 +276,15 @@ class Attacher:
 # ---------------------------------------------------------------------- the socket server
 
 class _Handler(socketserver.StreamRequestHandler):
+    # A client that never finishes its request must not hold a thread (or close()) forever.
+    timeout = REQUEST_TIMEOUT_S
+
     def handle(self) -> None:
         started = time.monotonic()
-        data = self.rfile.read(_MAX_REQUEST_BYTES + 1)
+        try:
+            data = self.rfile.read(_MAX_REQUEST_BYTES + 1)
+        except OSError:     # timed out or reset: the client is gone, there is no one to answer
+            return
         status, text, command = self.server.service.answer(data)
         try:
             self.wfile.write(f"{status}\n{text}".encode())
@@ -287,7 +294,10 @@ class _Handler(socketserver.StreamRequestHandler):
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
+    # close() waits for requests in flight: a daemon stopping (restart, SIGTERM) lets an ADD
+    # finish, or roll back, rather than leaving it half-made.
+    daemon_threads = False
+    block_on_close = True
     # A runtime may start dozens of containers at once; socketserver's default backlog of 5
     # would turn the excess into EAGAIN at connect.
     request_queue_size = 256
@@ -328,7 +338,9 @@ class CniService:
         server.service = self
         self._inode = self.socket_path.stat().st_ino
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="cni-service", daemon=True)
+        # A short poll interval: close() waits up to one interval for the accept loop to notice.
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="cni-service", daemon=True)
         self._thread.start()
         log.info("CNI service listening on %s", self.socket_path)
 
@@ -339,16 +351,19 @@ class CniService:
             self._ready.clear()
 
     def close(self) -> None:
+        """Stop accepting, let requests in flight finish, remove the socket."""
         if self._server is None:
             return
-        self._server.shutdown()
-        self._server.server_close()
         try:
-            # Remove the socket only if it is still ours (a newer daemon may have replaced it).
+            # First the name, so new clients fail fast with "try again later" instead of waiting
+            # in the backlog; and only if it is still ours (a newer daemon may have replaced it).
             if self.socket_path.stat().st_ino == self._inode:
                 self.socket_path.unlink()
         except FileNotFoundError:
             pass
+        self._server.shutdown()
+        self._server.server_close()     # joins the request threads (block_on_close)
+        self._thread.join()
         self._server = None
 
     def answer(self, data: bytes) -> tuple[int, str, str]:

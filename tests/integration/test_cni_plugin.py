@@ -323,3 +323,49 @@ def test_exhausted_subnet_is_a_clear_error_and_leaks_nothing(tmp_path, container
         if service is not None:
             service.stop()
         del_netns(name)
+
+
+def test_chained_with_the_reference_portmap(host, containers, tmp_path):
+    """overlay then portmap, run as libcni runs a conflist: prevResult flows through portmap
+    unchanged, and a host port reaches the container."""
+    from cni.install import conflist
+    from cni.runtime import Attachment, ConfList
+
+    host_ns, service, plugin = host
+    conf = conflist("ovl-ct-pm", str(service.run_dir), "ovl-cni0", portmap=True)
+    # portmap programs iptables where it runs: run the chain inside the test host's namespace.
+    chain = ConfList(conf, (str(plugin.executable.parent), "/usr/lib/cni"), host_netns=f"/run/netns/{host_ns}")
+    chain.runtime_config = {"portMappings": [{"hostPort": 18080, "containerPort": 8080, "protocol": "tcp"}]}
+    path = containers("pm")
+    attachment = Attachment("pm", path)
+    result = chain.add(attachment)
+    server = None
+    try:
+        ours = [a for a in allocations(service.run_dir) if a["containerID"] == "pm"]
+        assert result["ips"][0]["address"].split("/")[0] == ours[0]["address"]
+        assert result["interfaces"][1] == {"name": "eth0", "mac": result["interfaces"][1]["mac"], "sandbox": path}
+        # (No CHECK through the chain: Debian's portmap 1.1.1 fails its own CHECK on a host with
+        # ip6tables when the result holds no IPv6 address, "could not check ipv6 dnat".)
+        assert plugin.run("CHECK", {**plugin.config("1.0.0", name="ovl-ct-pm"), "prevResult": result},
+                          "pm", path) == (0, None)
+        # A TCP server in the container, reached through the host port on the host's address.
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", os.path.basename(path), "python3", "-c",
+             "import socket; s = socket.create_server(('0.0.0.0', 8080)); print('up', flush=True); "
+             "c, _ = s.accept(); c.sendall(b'hello from the container'); c.close()"],
+            stdout=subprocess.PIPE, text=True)
+        assert server.stdout.readline().strip() == "up"
+        client = subprocess.run(
+            ["ip", "netns", "exec", host_ns, "python3", "-c",
+             "import socket; c = socket.create_connection(('10.244.3.1', 18080), timeout=5); "
+             "print(c.recv(100).decode())"], capture_output=True, text=True, timeout=15)
+        assert client.stdout.strip() == "hello from the container", client.stderr
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        chain.delete(attachment, result)
+    assert not [a for a in allocations(service.run_dir) if a["containerID"] == "pm"]
+    rules = subprocess.run(["ip", "netns", "exec", host_ns, "iptables-save", "-t", "nat"], capture_output=True,
+                           text=True).stdout
+    assert "CNI-HOSTPORT-DNAT" in rules and "18080" not in rules   # portmap ran in the host, and cleaned up

@@ -71,9 +71,11 @@ def test_install_writes_a_runnable_plugin_and_a_conflist(tmp_path):
     first_line = executable.read_text().splitlines()[0]
     assert first_line.startswith("#!/") and first_line.endswith(" -IS")
     conflist = json.loads(conf.read_text())
-    assert conflist["cniVersion"] == "1.0.0" and conflist["cniVersions"] == ["1.0.0", "1.1.0"]
+    assert conflist["cniVersion"] == "1.0.0" and conflist["cniVersions"] == ["1.0.0"]    # portmap stops at 1.0.0
     assert [p["type"] for p in conflist["plugins"]] == ["overlay", "portmap"]
     assert conflist["plugins"][0]["runDir"] == "/run/ovl-test"
+    _, alone = install(tmp_path / "bin", tmp_path / "net.d", "/run/ovl-test")
+    assert json.loads(alone.read_text())["cniVersions"] == ["1.0.0", "1.1.0"]
     # Exactly as a runtime does it: exec with the environment, config on stdin.
     done = subprocess.run([str(executable)], input=json.dumps({"cniVersion": "1.0.0"}).encode(),
                           env={"CNI_COMMAND": "VERSION"}, capture_output=True, timeout=10)

@@ -1,0 +1,86 @@
+"""The CNI service as the daemon hosts it: socket permissions, readiness, close (no root needed:
+STATUS and VERSION touch no netlink)."""
+
+import io
+import json
+import os
+import socket
+import stat
+
+import pytest
+
+pytest.importorskip("pyroute2")
+
+from cni import plugin  # noqa: E402
+from cni.service import CniService  # noqa: E402
+from overlay.subnetfile import SUBNET_FILE_NAME  # noqa: E402
+
+SUBNET_ENV = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
+
+
+def status(run_dir, version="1.1.0"):
+    out = io.StringIO()
+    config = json.dumps({"cniVersion": version, "name": "n", "type": "overlay", "runDir": str(run_dir)})
+    code = plugin.main(environ={"CNI_COMMAND": "STATUS", "CNI_PATH": "/x"}, stdin=config.encode(), stdout=out)
+    return code, (json.loads(out.getvalue()) if out.getvalue().strip() else None)
+
+
+@pytest.fixture
+def service(tmp_path):
+    (tmp_path / SUBNET_FILE_NAME).write_text(SUBNET_ENV)
+    service = CniService(tmp_path)
+    service.start()
+    try:
+        yield service
+    finally:
+        service.close()
+
+
+def test_socket_is_root_only(service):
+    assert stat.S_IMODE(os.stat(service.socket_path).st_mode) == 0o600
+    assert stat.S_ISSOCK(os.stat(service.socket_path).st_mode)
+    assert not [p for p in service.run_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_status_follows_readiness_and_subnet_file(service, tmp_path):
+    assert status(tmp_path)[1]["code"] == 50           # started, not yet ready
+    service.set_ready(True)
+    assert status(tmp_path) == (0, None)
+    (tmp_path / SUBNET_FILE_NAME).unlink()
+    code, error = status(tmp_path)
+    assert code != 0 and error["code"] == 50 and "subnet" in error["msg"]
+
+
+def test_close_removes_the_socket_and_the_client_says_try_later(tmp_path):
+    (tmp_path / SUBNET_FILE_NAME).write_text(SUBNET_ENV)
+    service = CniService(tmp_path)
+    service.start()
+    service.set_ready(True)
+    assert status(tmp_path) == (0, None)
+    service.close()
+    service.close()     # idempotent
+    assert not service.socket_path.exists()
+    assert status(tmp_path)[1]["code"] == 50
+
+
+def test_a_stale_socket_is_replaced_and_a_newer_one_is_left_alone(tmp_path):
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(tmp_path / "cni.sock"))
+    stale.close()
+    first = CniService(tmp_path)
+    first.start()
+    second = CniService(tmp_path)       # e.g. a restarted daemon taking over
+    second.start()
+    first.close()
+    assert second.socket_path.exists()
+    second.set_ready(True)
+    (tmp_path / SUBNET_FILE_NAME).write_text(SUBNET_ENV)
+    assert status(tmp_path) == (0, None)
+    second.close()
+
+
+def test_malformed_requests_get_spec_errors(service):
+    for payload in (b"not json", b'{"env": 1, "stdin": ""}', b'{"env": {"CNI_COMMAND": "ADD"}, "stdin": "{"}'):
+        code, text, _ = service.answer(payload)
+        error = json.loads(text)
+        assert code == 1 and error["code"] in (4, 6)
