@@ -29,7 +29,7 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -39,7 +39,6 @@ from cni.errors import ContainerNotFound, InterfaceConflict, KernelFailure
 _CLONE_NEWNET = 0x40000000
 _NETLINK_ROUTE = 0
 _libc = ctypes.CDLL(None, use_errno=True)
-DEFAULT_ROUTE = IPv4Network("0.0.0.0/0")
 
 
 def mac_for(address: IPv4Address, prefix: str = "0a:58") -> str:

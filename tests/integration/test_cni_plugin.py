@@ -5,7 +5,6 @@ Every namespace made here is named ovl-ct-<pid>-..., and removed afterwards, als
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -14,8 +13,7 @@ from ipaddress import IPv4Address, IPv4Interface
 import pytest
 
 from cni.service import host_ifname
-from tests.support.cni import (Plugin, Service, add_netns, allocations, del_netns, host_veths, ip, ip_json, netns,
-                               wait_for)
+from tests.support.cni import Plugin, Service, add_netns, allocations, del_netns, host_veths, ip, ip_json
 
 VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 TAG = f"ovl-ct-{os.getpid()}"

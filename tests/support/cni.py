@@ -4,18 +4,16 @@ runtime runs it. Everything made here carries the prefix `ovl-ct-` and is remove
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 
 from cni.install import install
 from overlay.subnetfile import SubnetFile, write_subnet_file
-
-from ipaddress import IPv4Interface, IPv4Network
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "ovl-ct-"
@@ -70,10 +68,10 @@ class Service:
         self.run_dir = run_dir
         self.subnet = IPv4Interface(subnet)
         write_subnet_file(run_dir, SubnetFile(IPv4Network("10.244.0.0/16"), self.subnet, mtu, True))
+        self.log = open(run_dir / "service.log", "wb")
         self.process = subprocess.Popen(
             ["ip", "netns", "exec", host_netns, sys.executable, "-m", "cni.service", "--run-dir", str(run_dir)],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(run_dir / "service.log", "wb"),
-            start_new_session=True)
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.log, start_new_session=True)
         socket_path = run_dir / "cni.sock"
         wait_for(lambda: socket_path.exists() or self.process.poll() is not None, 20, "the CNI service socket")
         if self.process.poll() is not None:
@@ -87,6 +85,7 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
+        self.log.close()
 
 
 class Plugin:
@@ -124,10 +123,3 @@ def allocations(run_dir: Path) -> list[dict]:
 def host_veths(host_netns: str) -> set[str]:
     return {link["ifname"] for link in ip_json("link", "show", netns=host_netns)
             if link["ifname"].startswith("ovlv")}
-
-
-def kill_process_group(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
