@@ -83,6 +83,7 @@ class Daemon:
         self.lease_lost = asyncio.Event()
         self.stopping = asyncio.Event()
         self._last_logged_peers: int | None = None
+        self.cni = None                   # the CNI service, once the data plane is ready
         # Every kernel call runs on this one thread: pyroute2's synchronous API drives an event
         # loop of its own and refuses to run inside ours, and one thread keeps the calls in order.
         self._netlink_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
@@ -99,7 +100,6 @@ class Daemon:
         health = None
         if self.settings.healthz_port:
             health = await serve_health(self.status, self.settings.healthz_ip, self.settings.healthz_port)
-        cni = None
         try:
             self.kernel = await self._in_netlink_thread(Kernel)
             self.underlay = await self._in_netlink_thread(
@@ -108,11 +108,11 @@ class Daemon:
                      self.underlay.public_ip, self.underlay.mtu)
             if not await self._until_stopped(self._start()):
                 return 0
-            cni = self._start_cni_service()
+            self.cni = self._start_cni_service()
             return await self._serve()
         finally:
-            if cni is not None:
-                cni.close()
+            if self.cni is not None:
+                self.cni.close()
             if health is not None:
                 health.close()
             if self.kernel is not None:
@@ -355,6 +355,13 @@ class Daemon:
         path = write_subnet_file(self.settings.run_dir, contents)
         log.info("wrote %s (FLANNEL_SUBNET=%s)", path, contents.subnet)
 
+    def _mark_lease_lost(self) -> None:
+        """Our subnet may change: until it is claimed again, the CNI service answers ADD with
+        "try again later" rather than hand out addresses from a subnet we may not keep."""
+        self.lease_lost.set()
+        if self.cni is not None:
+            self.cni.set_ready(False)
+
     def _start_cni_service(self):
         if not self.settings.cni_service:
             return None
@@ -377,6 +384,8 @@ class Daemon:
                 if self.lease_lost.is_set():
                     await self._acquire_lease()
                     self._write_subnet_file()
+                    if self.cni is not None:
+                        self.cni.set_ready(True)
                 async for event in self.store.watch_leases(self.revision + 1):
                     self.status.store_reachable = True
                     backoff.reset()
@@ -401,7 +410,7 @@ class Daemon:
         if self.own is not None and event.subnet == self.own.subnet:
             if event.lease is None:
                 log.warning("our lease %s was deleted from etcd: re-acquiring", event.subnet)
-                self.lease_lost.set()
+                self._mark_lease_lost()
             return
         if event.lease is None:
             if self.peers.pop(event.subnet, None) is not None:
@@ -423,7 +432,7 @@ class Daemon:
         mine = next((lease for lease in leases if lease.subnet == own_subnet), None)
         if mine is None or mine.attrs.public_ip != self.underlay.public_ip:
             log.warning("our lease %s is gone from etcd: re-acquiring", own_subnet)
-            self.lease_lost.set()
+            self._mark_lease_lost()
         self.peers = {lease.subnet: lease for lease in leases if lease.subnet != own_subnet}
         self.revision = max(self.revision, revision)
         self.listed_revision = revision
@@ -450,7 +459,7 @@ class Daemon:
                 self.status.store_reachable = True
                 if left <= 0:
                     log.warning("etcd lease of %s expired: re-acquiring", self.own.subnet)
-                    self.lease_lost.set()
+                    self._mark_lease_lost()
                     self.dirty.set()
                 else:
                     self.status.lease_expires_at = time.monotonic() + left

@@ -314,3 +314,18 @@ def test_forwarding_and_firewall_rules_are_restored(lab):
     lab.exec("h1", ["iptables", "-t", "nat", "-F", "POSTROUTING"], check=True)
     # Nothing netlink reports: the jittered resync (at most 10 s) is what repairs these.
     wait_for(lambda: forwarding() and masquerading(), "ip_forward and masquerade restored", timeout=40)
+
+
+def test_a_lease_deleted_under_a_running_daemon_is_claimed_again(lab):
+    lab.up(hosts=2)
+    lab.wait_converged(timeout=90)
+    subnet = lab.subnet("h1")
+    pid = lab.daemon_pid("h1")
+    lab.etcdctl("del", subnet_key(PREFIX, subnet))
+    # The daemon notices through its watch and claims again, preferring the subnet it had.
+    wait_for(lambda: lab.etcdctl("get", subnet_key(PREFIX, subnet), "--keys-only").stdout.strip(),
+             "h1's lease claimed again")
+    assert lab.daemon_pid("h1") == pid, "re-acquired in place, not by crashing"
+    lab.wait_converged(timeout=60)
+    assert lab.subnet("h1") == subnet
+    assert lease_json(lab, "h1")["PublicIP"] == str(lab.host("h1").public_ip)
