@@ -566,7 +566,8 @@ class EtcdStore:
                         log.warning("etcd watch broke (%s); resuming from revision %d", exc, next_revision)
                         break
                     for event in response.events:
-                        # Before the yield: the consumer may stop at any event.
+                        # A response holds whole revisions (no fragmenting asked for), so once it
+                        # is read, resuming from the last revision seen + 1 repeats and skips nothing.
                         next_revision = event.kv.mod_revision + 1
                         converted = lease_event(event, self._prefix)
                         if converted is not None:
