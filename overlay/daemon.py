@@ -38,7 +38,7 @@ from pathlib import Path
 from . import firewall, sdnotify
 from .config import NetworkConfig, parse_config
 from .dataplane import DataplaneState, Underlay, desired_state, plan, vtep_mac
-from .errors import ConfigError, LeaseParseError, OverlayError, StoreUnavailable, SubnetsExhausted, WatchCompacted
+from .errors import ConfigError, LeaseLost, LeaseParseError, OverlayError, StoreUnavailable, SubnetsExhausted, WatchCompacted
 from .etcd import EtcdSettings, EtcdStore, LeaseEvent
 from .health import DaemonStatus, serve_health
 from .kernel import Kernel
@@ -237,7 +237,11 @@ class Daemon:
             return None
         if lease.attrs != attrs:
             log.info("lease %s: announcing %s (was %s)", lease.subnet, attrs, lease.attrs)
-            return await self.store.update_lease_attrs(lease, attrs)
+            try:
+                return await self.store.update_lease_attrs(lease, attrs)
+            except LeaseLost:
+                log.info("lease %s changed under us while adopting it: claiming instead", lease.subnet)
+                return None
         return lease
 
     def _previous_subnets(self) -> list[IPv4Network]:
