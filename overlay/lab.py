@@ -34,6 +34,19 @@ Design notes
 - Waiting is polling against a deadline (`wait_until`), never a fixed sleep: readiness is the
   daemon's /readyz; convergence is the kernel's end state (a route to every peer's subnet on the
   VXLAN device in each host namespace); reachability is a ping over the overlay.
+- Containers are attached exactly as a runtime attaches them, so the lab exercises the real CNI
+  path: every host gets the `overlay` plugin and a conflist installed in the state dir
+  (cni/<host>/bin, cni/<host>/net.d, runDir = the host's run dir), a container is a network
+  namespace `ovl-<name>-<host>c<j>`, and `cni.runtime.ConfList` execs the plugin from the host's
+  namespace (nsenter) with the CNI environment and the conflist's config on stdin, as libcni does.
+  A container is recorded in state.json before its namespace exists, and its ADD result is kept
+  (libcni caches it too) to be passed to DEL. `down` first runs DEL for every recorded container
+  while the daemons still live (best effort: a dead daemon only costs a code 11), then removes
+  whatever `ovl-<name>-*` exists as for every other object; a crash leaves nothing `down` misses.
+- The lab's root namespace is its outside world: it routes only the underlay /24 on the bridge
+  and never the overlay network, so a container's packet to the bridge address can only be
+  answered if its host masqueraded it (overlayd runs with --ip-masq); `masquerade_probe` shows
+  the source address the packet carried on the underlay, read from the host's veth.
 
 The API at a glance (the CLI, the demo, the tests and the benchmarks all use it):
 
@@ -44,6 +57,8 @@ The API at a glance (the CLI, the demo, the tests and the benchmarks all use it)
         lab.exec("h1", ["ip", "route"])     # spawn() for background work; nsenter=True for runtimes
         lab.restart("h2"); lab.stop_daemon("h2", sig); lab.kill_daemon("h2"); lab.start_daemon("h2")
         lab.add_host(); lab.remove_host("h3"); lab.status(); lab.etcdctl("get", ...); lab.etcd_settings()
+        lab.add_container("h1"); lab.remove_container("h1c1"); lab.containers  # also up(containers=M)
+        lab.container_reachability(); lab.masquerade_probe("h1c1"); lab.detach_containers()
     teardown("t1"); teardown_all()          # from what exists, whatever the state
 """
 
@@ -53,8 +68,10 @@ import fcntl
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -85,10 +102,19 @@ ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
 STATE_VERSION = 1
 HOST_IFACE = "eth0"
+CONTAINER_IFACE = "eth0"
+CNI_NETWORK_NAME = "overlay"
+CNI_CALL_TIMEOUT = 30.0   # seconds one plugin call may take before the lab gives up on it
 
 _NAME = re.compile(r"[a-z][a-z0-9]{0,3}")
 # What a lab's own objects look like, for `down --all`: a stranger's `ovl-kt-probe` does not match.
-_OBJECT = re.compile(r"ovl-([a-z][a-z0-9]{0,3})-(?:br|h[0-9]+|e[0-9]+)")
+_OBJECT = re.compile(r"ovl-([a-z][a-z0-9]{0,3})-(?:br|h[0-9]+|e[0-9]+|h[0-9]+c[0-9]+)")
+# A container's own name becomes its namespace `ovl-<lab>-<name>`; names of hosts, etcd members
+# and the bridge are taken.
+_CONTAINER_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,23}")
+_RESERVED_NAME = re.compile(r"br|h[0-9]+|e[0-9]+")
+_ETH_P_ALL = 0x0003
+_ETH_P_IP = 0x0800
 _RTT = re.compile(r"= [0-9.]+/([0-9.]+)/")
 
 T = TypeVar("T")
@@ -388,6 +414,51 @@ class LabEtcdMember:
         return EtcdMember(self.name, self.client_url, self.peer_url, self.data_dir, netns=self.netns)
 
 
+@dataclass(frozen=True)
+class LabContainer:
+    """A container attached to a host through the CNI plugin: a network namespace whose eth0 is
+    the container end of the plugin's veth. ip is None until ADD has answered."""
+    name: str            # "h1c1"
+    host: str            # "h1"
+    netns: str           # "ovl-lab-h1c1"
+    container_id: str    # 64 hex digits, as podman and containerd make them
+    ip: IPv4Interface | None = None
+    result: dict | None = None   # the ADD result, passed back to DEL as libcni does
+
+    @property
+    def netns_path(self) -> str:
+        return f"/run/netns/{self.netns}"
+
+    @property
+    def address(self) -> IPv4Address | None:
+        return self.ip.ip if self.ip else None
+
+    def to_state(self) -> dict:
+        return {"name": self.name, "host": self.host, "netns": self.netns, "container_id": self.container_id,
+                "ip": str(self.ip) if self.ip else None, "result": self.result}
+
+    @classmethod
+    def from_state(cls, raw: dict) -> "LabContainer":
+        return cls(raw["name"], raw["host"], raw["netns"], raw["container_id"],
+                   IPv4Interface(raw["ip"]) if raw.get("ip") else None, raw.get("result"))
+
+
+@dataclass(frozen=True)
+class MasqueradeProbe:
+    """One ping from a container to an address outside the overlay, and what the underlay saw."""
+    container: str
+    container_ip: IPv4Address
+    target: IPv4Address
+    host_public_ip: IPv4Address
+    rtt_ms: float | None              # None: no reply
+    underlay_source: IPv4Address | None   # source of the echo request on the host's underlay link
+    route_back: str                   # how the target's namespace routes the container's address
+
+    @property
+    def masqueraded(self) -> bool:
+        return self.rtt_ms is not None and self.underlay_source == self.host_public_ip
+
+
 class Lab:
     """A handle on the lab called `name`: make it (`up`), drive it, and always `down` it.
 
@@ -484,12 +555,15 @@ class Lab:
     def up(self, hosts: int = 3, etcd_members: int = 1, network: str = DEFAULT_NETWORK,
            subnet_lease_ttl: int | None = None, network_config: str | None = None,
            start_daemons: bool = True, daemon_args: Sequence[str] = (),
-           prefix: str = DEFAULT_PREFIX, etcd_timeout: float = 30.0) -> "Lab":
+           prefix: str = DEFAULT_PREFIX, etcd_timeout: float = 30.0, containers: int = 0,
+           timeout: float = 90.0) -> "Lab":
         """Make the underlay, start etcd, store the network config, make hosts, start daemons.
 
-        Returns once the daemons are started (see wait_ready). Any failure rolls back everything
-        made so far before the error propagates. network_config, when given, is stored verbatim
-        instead of the config built from `network` (it is still validated first).
+        Returns once the daemons are started (see wait_ready); with containers=M, once M
+        containers per host are attached through the plugin (which needs the daemons ready, so
+        that waits up to `timeout` s). Any failure rolls back everything made so far before the
+        error propagates. network_config, when given, is stored verbatim instead of the config
+        built from `network` (it is still validated first).
         """
         if os.geteuid() != 0:
             raise LabError("the lab needs root (network namespaces, veth, bridge)")
@@ -497,6 +571,8 @@ class Lab:
             raise LabError(f"--hosts must be between 0 and {MAX_HOSTS}")
         if not 1 <= etcd_members <= FIRST_HOST_HOST - FIRST_ETCD_HOST:
             raise LabError("etcd members: 1 or 3 (at most 9)")
+        if containers < 0 or (containers and not start_daemons):
+            raise LabError("containers: a number >= 0, and only with the daemons started (they serve the plugin)")
         for tool in ("ip", "etcd", "etcdctl"):
             if shutil.which(tool) is None:
                 raise LabError(f"{tool} not found on PATH (run scripts/bootstrap, or `make demo`)")
@@ -524,6 +600,7 @@ class Lab:
                                "extra_args": list(daemon_args), "healthz_port": HEALTHZ_PORT},
                     "etcd": {"members": [], "pids": {}},
                     "hosts": [],
+                    "containers": [],
                 }
                 self._save()
                 _ip_batch([f"link add {self.bridge} type bridge",
@@ -535,6 +612,10 @@ class Lab:
             if start_daemons:
                 for host in self.hosts:
                     self.start_daemon(host)
+            if containers and self.hosts:
+                deadline = time.monotonic() + timeout
+                self.wait_ready(deadline=deadline)
+                self.add_containers({host.name: containers for host in self.hosts}, deadline=deadline)
             self.state["phase"] = "up"
             self._save()
         except BaseException as exc:
@@ -613,6 +694,7 @@ class Lab:
         self._plug([(host.netns, host.public_ip) for host in made])
         for host in made:
             host.run_dir.mkdir(parents=True, exist_ok=True)
+            self.install_cni(host)
         return made
 
     def add_host(self, start_daemon: bool = True) -> LabHost:
@@ -626,10 +708,12 @@ class Lab:
         """Stop the host's daemon and delete its namespace and link. Its lease stays in etcd until
         its TTL runs out, as when a real host dies."""
         host = self.host(which)
+        self.detach_containers([c for c in self.containers if c.host == host.name])
         kill_pids(netns_pids(host.netns))
         self._daemons.pop(host.name, None)
         _ip_batch([f"link del {host.link}", f"netns del {host.netns}"], force=True)
         shutil.rmtree(host.run_dir, ignore_errors=True)
+        shutil.rmtree(self.state_dir / "cni" / host.name, ignore_errors=True)
         self.state["hosts"] = [raw for raw in self.state["hosts"] if raw["name"] != host.name]
         self._save()
 
@@ -795,7 +879,9 @@ class Lab:
                 "ready": ready,
                 "run_dir": str(host.run_dir),
                 "log": str(host.log_path),
-                "containers": [],
+                "containers": [{"name": c.name, "netns": c.netns, "ip": str(c.address) if c.ip else None,
+                                "container_id": c.container_id}
+                               for c in self.containers if c.host == host.name],
             } for host, ready in zip(hosts, readiness)],
         }
 
@@ -907,6 +993,259 @@ class Lab:
                 results[(source.name, destination.name)] = rtt
         return results
 
+    # ---------------------------------------------------------------- containers (through the CNI plugin)
+
+    def cni_dirs(self, which: "str | int | LabHost") -> tuple[Path, Path]:
+        """(bin dir, conf dir) of the host's runtime: where its plugin and conflist live."""
+        root = self.state_dir / "cni" / self.host(which).name
+        return root / "bin", root / "net.d"
+
+    def install_cni(self, which: "str | int | LabHost") -> Path:
+        """Install the plugin and a conflist for the host (runDir = its run dir); returns the conflist."""
+        from cni.install import install
+        host = self.host(which)
+        bin_dir, conf_dir = self.cni_dirs(host)
+        _, conf = install(bin_dir, conf_dir, str(host.run_dir), network_name=CNI_NETWORK_NAME)
+        return conf
+
+    def conflist(self, which: "str | int | LabHost"):
+        """The host's conflist as `cni.runtime.ConfList`, run from the host's namespace."""
+        from cni.install import CONF_FILE_NAME
+        from cni.runtime import ConfList
+        host = self.host(which)
+        bin_dir, conf_dir = self.cni_dirs(host)
+        conf = conf_dir / CONF_FILE_NAME
+        if not conf.exists():
+            self.install_cni(host)
+        conflist = ConfList.load(conf, [bin_dir], host_netns=f"/run/netns/{host.netns}")
+        conflist.timeout_s = CNI_CALL_TIMEOUT
+        return conflist
+
+    @property
+    def containers(self) -> list[LabContainer]:
+        return [LabContainer.from_state(raw) for raw in self.state.get("containers", [])]
+
+    def container(self, which: "str | LabContainer") -> LabContainer:
+        """A container by name ("h1c1"), namespace ("ovl-lab-h1c1") or LabContainer."""
+        name = which.name if isinstance(which, LabContainer) else which
+        for container in self.containers:
+            if name in (container.name, container.netns):
+                return container
+        raise LabError(f"lab {self.name}: no container {name!r} "
+                       f"(containers: {', '.join(c.name for c in self.containers) or 'none'})")
+
+    def add_container(self, which: "str | int | LabHost", name: str | None = None,
+                      ip: IPv4Address | str | None = None, timeout: float = 60.0) -> LabContainer:
+        """Attach one container to the host through the plugin, as a runtime does; returns it.
+
+        name defaults to `<host>c<j>` with the lowest free j. ip asks for an address with
+        CNI_ARGS `IP=` (the convention of the reference host-local IPAM); a plugin that hands out
+        another address fails the call, and the attachment is undone."""
+        host = self.host(which)
+        return self.add_containers({host.name: [(name, IPv4Address(ip) if ip else None)]},
+                                   deadline=time.monotonic() + timeout)[0]
+
+    def add_containers(self, wanted: dict[str, "int | list[tuple[str | None, IPv4Address | None]]"],
+                       deadline: float | None = None) -> list[LabContainer]:
+        """Attach containers: {host: count} or {host: [(name or None, ip or None), ...]}.
+
+        All are recorded first (one state write), their namespaces made in one `ip -batch`, and
+        the ADDs run in parallel, as a runtime starting several containers at once does. A
+        container whose ADD fails is undone (DEL, namespace deleted, record dropped); the others
+        stay, and the error names each failure. Code 11 ("try again later", the daemon's CNI
+        service not up yet) is retried until the deadline, as kubelet retries.
+        """
+        deadline = deadline if deadline is not None else time.monotonic() + 60.0
+        taken = {c.name for c in self.containers} | {h.name for h in self.hosts}
+        planned: list[tuple[LabContainer, IPv4Address | None]] = []
+        for which, spec in wanted.items():
+            host = self.host(which)
+            requests = [(None, None)] * spec if isinstance(spec, int) else list(spec)
+            for name, ip in requests:
+                name = name or self._free_container_name(host, taken)
+                if not _CONTAINER_NAME.fullmatch(name) or _RESERVED_NAME.fullmatch(name) or name in taken:
+                    raise LabError(f"container name {name!r}: taken, or not 1-24 lowercase letters, digits "
+                                   f"and '-' (h<i>, e<i> and br are reserved)")
+                taken.add(name)
+                planned.append((LabContainer(name, host.name, f"ovl-{self.name}-{name}",
+                                             secrets.token_hex(32)), ip))
+        if not planned:
+            return []
+        # Recorded before the namespaces exist: a crash in between leaves a record, not an orphan.
+        self.state.setdefault("containers", []).extend(container.to_state() for container, _ in planned)
+        self._save()
+        made: list[LabContainer] = []
+        failures: list[str] = []
+        try:
+            _ip_batch([f"netns add {container.netns}" for container, _ in planned])
+            for container, _ in planned:
+                _ip_batch(["link set lo up"], netns=container.netns)
+            conflists = {container.host: self.conflist(container.host) for container, _ in planned}
+            with ThreadPoolExecutor(max_workers=min(8, len(planned))) as pool:
+                outcomes = list(pool.map(lambda item: self._attach(conflists[item[0].host], *item, deadline),
+                                         planned))
+        except BaseException:
+            self.detach_containers([container for container, _ in planned])
+            raise
+        for (container, _), outcome in zip(planned, outcomes):
+            if isinstance(outcome, LabContainer):
+                made.append(outcome)
+            else:
+                failures.append(f"{container.name} on {container.host}: {outcome}")
+        attached = {container.name: container for container in made}
+        self.state["containers"] = [attached[raw["name"]].to_state() if raw["name"] in attached else raw
+                                    for raw in self.state["containers"]]
+        self._save()
+        if failures:
+            self.detach_containers([container for container, _ in planned if container.name not in attached])
+            raise LabError(f"lab {self.name}: attaching failed for {'; '.join(failures)}")
+        return made
+
+    def _attach(self, conflist, container: LabContainer, ip: IPv4Address | None,
+                deadline: float) -> "LabContainer | str":
+        """ADD one container (retrying code 11 until deadline); the attached container, or why not."""
+        from cni.runtime import PluginFailed
+        attachment = self._attachment(container, ip)
+        while True:
+            try:
+                result = conflist.add(attachment)
+                break
+            except PluginFailed as exc:
+                if exc.code == 11 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                return str(exc)
+            except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
+                return f"running the plugin failed: {exc}"
+        try:
+            address = IPv4Interface(result["ips"][0]["address"])
+        except (KeyError, IndexError, TypeError, ValueError):
+            return f"the plugin's result has no IPv4 address: {result}"
+        if ip is not None and address.ip != ip:
+            return f"asked for {ip} (CNI_ARGS IP=), the plugin gave {address.ip}: it does not honour IP="
+        return LabContainer(container.name, container.host, container.netns, container.container_id,
+                            address, result)
+
+    @staticmethod
+    def _attachment(container: LabContainer, ip: IPv4Address | None = None):
+        from cni.runtime import Attachment
+        # What podman sends; IgnoreUnknown=1 lets a plugin skip keys it does not use.
+        args = "IgnoreUnknown=1" + (f";IP={ip}" if ip else "")
+        return Attachment(container.container_id, container.netns_path, CONTAINER_IFACE, args)
+
+    def _free_container_name(self, host: LabHost, taken: set[str]) -> str:
+        index = 1
+        while f"{host.name}c{index}" in taken:
+            index += 1
+        return f"{host.name}c{index}"
+
+    def remove_container(self, which: "str | LabContainer") -> None:
+        """DEL the container through the plugin, then delete its namespace and record.
+
+        Raises LabError when DEL fails (the namespace and record are removed all the same, as a
+        runtime removes a container whose network teardown failed)."""
+        container = self.container(which)
+        errors = self.detach_containers([container])
+        if errors.get(container.name):
+            raise LabError(f"{container.name}: DEL failed: {errors[container.name]}")
+
+    def detach_containers(self, containers: Iterable[LabContainer] | None = None) -> dict[str, str | None]:
+        """DEL each container (all recorded ones by default) in parallel, delete its namespace and
+        drop its record; returns {name: None, or why DEL failed}. Never raises for a DEL: this is
+        the best-effort path of `down` and of a failed ADD."""
+        from cni.runtime import PluginFailed
+        chosen = list(containers) if containers is not None else self.containers
+        if not chosen:
+            return {}
+        existing = set(list_netns())
+
+        def delete(container: LabContainer) -> str | None:
+            host_netns = f"ovl-{self.name}-{container.host}"
+            if host_netns not in existing:
+                return f"host namespace {host_netns} is gone"
+            try:
+                self.conflist(container.host).delete(self._attachment(container), container.result)
+                return None
+            except PluginFailed as exc:
+                return str(exc)
+            except (OSError, subprocess.TimeoutExpired, ValueError, LabError) as exc:
+                return f"running the plugin failed: {exc}"
+
+        with ThreadPoolExecutor(max_workers=min(8, len(chosen))) as pool:
+            errors = dict(zip((c.name for c in chosen), pool.map(delete, chosen)))
+        _ip_batch([f"netns del {c.netns}" for c in chosen if c.netns in existing], force=True)
+        names = {c.name for c in chosen}
+        self.state["containers"] = [raw for raw in self.state.get("containers", []) if raw["name"] not in names]
+        self._save()
+        return errors
+
+    def container_exec(self, which: "str | LabContainer", argv: Sequence[str], check: bool = False,
+                       timeout: float = 30.0) -> subprocess.CompletedProcess:
+        """Run argv in the container's network namespace; text output captured."""
+        return _run(["ip", "netns", "exec", self.container(which).netns, *argv], check=check, timeout=timeout)
+
+    def container_ping(self, source: "str | LabContainer", destination: IPv4Address | str,
+                       count: int = 1, wait: float = 1.0) -> float | None:
+        """Ping from a container; the average round trip in ms, or None when unanswered."""
+        result = self.container_exec(source, ["ping", "-n", "-q", "-c", str(count), "-W", str(wait),
+                                              str(destination)], timeout=count * wait + 10)
+        if result.returncode != 0:
+            return None
+        match = _RTT.search(result.stdout)
+        return float(match.group(1)) if match else 0.0
+
+    def container_reachability(self, attempts: int = 3) -> dict[tuple[str, str], float | None]:
+        """Ping from every container to every other container's address; {(from, to): rtt or None}.
+
+        A failed pair is tried again up to `attempts` times (one lost echo is not a broken path)."""
+        chosen = self.containers
+        pairs = [(a, b) for a in chosen for b in chosen if a.name != b.name]
+
+        def probe(pair: tuple[LabContainer, LabContainer]) -> float | None:
+            source, destination = pair
+            if destination.address is None:
+                return None
+            for _ in range(attempts):
+                rtt = self.container_ping(source, destination.address)
+                if rtt is not None:
+                    return rtt
+            return None
+
+        results: dict[tuple[str, str], float | None] = {}
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(pairs)))) as pool:
+            for (source, destination), rtt in zip(pairs, pool.map(probe, pairs)):
+                results[(source.name, destination.name)] = rtt
+        return results
+
+    def masquerade_probe(self, which: "str | LabContainer", target: IPv4Address | str | None = None,
+                         wait: float = 2.0) -> MasqueradeProbe:
+        """Ping from a container to an underlay address outside the overlay (default: the lab
+        bridge's address, in the root namespace, the lab's outside world) while reading the
+        host's underlay link from the root namespace, to see which source address the echo
+        request carried there: the host's public IP when the host masqueraded it.
+
+        The capture is an AF_PACKET socket bound to the root end of the host's veth before the
+        ping starts, so nothing can be missed and no sniffer has to start first. It must listen
+        to every protocol (ETH_P_ALL) and filter IPv4 itself: the veth is a bridge port, and the
+        bridge takes its frames before protocol-specific packet sockets (ETH_P_IP) are served;
+        only ETH_P_ALL taps see them."""
+        container = self.container(which)
+        host = self.host(container.host)
+        target = IPv4Address(target) if target else self.gateway
+        if container.address is None:
+            raise LabError(f"{container.name} has no address (its ADD did not finish)")
+        route_back = _run(["ip", "-4", "-o", "route", "get", str(container.address)], check=False)
+        capture = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(_ETH_P_ALL))
+        try:
+            capture.bind((host.link, _ETH_P_ALL))
+            rtt = self.container_ping(container, target, wait=wait)
+            source = _echo_request_source(capture, target, time.monotonic() + wait)
+        finally:
+            capture.close()
+        # `ip -o` ends a route with "\\    cache": keep the route itself.
+        route = (route_back.stdout or route_back.stderr).split("\\")[0].strip() or "no route"
+        return MasqueradeProbe(container.name, container.address, target, host.public_ip, rtt, source, route)
+
     # ---------------------------------------------------------------- down
 
     def leftovers(self) -> list[str]:
@@ -939,17 +1278,48 @@ class Lab:
         os.replace(tmp, path)
 
 
+def _echo_request_source(capture: socket.socket, target: IPv4Address, deadline: float) -> IPv4Address | None:
+    """The source of the first ICMP echo request to target read from capture (an AF_PACKET
+    SOCK_DGRAM socket: packets without the link header, the ethertype in the address), or None
+    when none arrives before deadline."""
+    while (left := deadline - time.monotonic()) > 0:
+        capture.settimeout(left)
+        try:
+            packet, address = capture.recvfrom(2048)
+        except (socket.timeout, BlockingIOError):
+            return None
+        if address[1] != _ETH_P_IP or len(packet) < 20:
+            continue
+        header = (packet[0] & 0x0F) * 4
+        if (len(packet) > header and packet[0] >> 4 == 4 and packet[9] == 1       # IPv4, ICMP
+                and IPv4Address(packet[16:20]) == target and packet[header] == 8):  # echo request
+            return IPv4Address(packet[12:16])
+    return None
+
+
 # ------------------------------------------------------------------------------- module functions
 
 def teardown(name: str, grace: float = 3.0) -> list[str]:
     """Remove lab `name` from what exists, not from what its state says; returns what was removed.
 
-    Order matters: processes first (a namespace with a live process in it outlives `netns del`),
-    then the root veth ends (each takes its peer in the namespace along), the bridge, the
-    namespaces, and last the state dir, so a crash part-way leaves something `down` finds again.
+    Order matters: first DEL for every container the state records, while the daemons that
+    serve the plugin still run (best effort: DEL is how allocations are released, but a lab
+    whose daemons died is removed all the same); then processes (a namespace with a live process
+    in it outlives `netns del`), the root veth ends (each takes its peer in the namespace along),
+    the bridge, the namespaces (containers' too: they carry the same mark), and last the state
+    dir, so a crash part-way leaves something `down` finds again.
     """
     validate_name(name)
     mark = f"ovl-{name}-"
+    detached: list[str] = []
+    try:
+        handle = Lab(name)
+        if handle.exists and handle.state.get("containers"):
+            existing = set(list_netns())
+            detached = [c.netns for c in handle.containers if c.netns in existing]
+            handle.detach_containers()
+    except (LabError, OSError, ValueError, KeyError, TypeError):
+        pass    # unreadable or half-written state: what exists is removed below all the same
     namespaces = [netns for netns in list_netns() if netns.startswith(mark)]
     pids = [pid for netns in namespaces for pid in netns_pids(netns)]
     # etcd gets SIGKILL at once: its data is deleted next, and a member that loses quorum can
@@ -972,7 +1342,7 @@ def teardown(name: str, grace: float = 3.0) -> list[str]:
         if time.monotonic() > deadline:
             raise LabError(f"lab {name}: could not remove {', '.join(left)}")
         time.sleep(0.05)
-    return sorted(set(namespaces) | {link["ifname"] for link in links})
+    return sorted(set(namespaces) | set(detached) | {link["ifname"] for link in links})
 
 
 def _existing(mark: str) -> list[str]:

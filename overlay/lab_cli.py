@@ -1,7 +1,7 @@
 """`overlayctl lab`: several simulated hosts on this machine (see overlay/lab.py for the design).
 
-    overlayctl lab up --hosts 3 [--etcd-members 1|3] [--name lab] [--network 10.244.0.0/16]
-                      [--subnet-lease-ttl S] [--no-wait]
+    overlayctl lab up --hosts 3 [--containers M] [--etcd-members 1|3] [--name lab]
+                      [--network 10.244.0.0/16] [--subnet-lease-ttl S] [--no-wait]
     overlayctl lab status [--name lab] [--json]
     overlayctl lab restart HOST [--name lab]
     overlayctl lab down [--name lab | --all]
@@ -58,6 +58,8 @@ def lab() -> None:
 
 @lab.command()
 @click.option("--hosts", default=3, show_default=True, type=click.IntRange(0, 243), help="simulated hosts")
+@click.option("--containers", default=0, show_default=True, type=click.IntRange(0, 200),
+              help="containers per host, attached through the CNI plugin as a runtime does")
 @click.option("--etcd-members", default="1", show_default=True, type=click.Choice(["1", "3"]),
               help="etcd cluster size")
 @_name_option
@@ -66,19 +68,22 @@ def lab() -> None:
               help="seconds a subnet lease lives unless renewed (daemon default: 24 h)")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="wait until every daemon is ready")
 @click.option("--timeout", default=90.0, show_default=True, help="seconds to wait for readiness")
-def up(hosts: int, etcd_members: str, name: str, network: str, subnet_lease_ttl: int | None,
+def up(hosts: int, containers: int, etcd_members: str, name: str, network: str, subnet_lease_ttl: int | None,
        wait: bool, timeout: float) -> None:
-    """Make the lab: underlay bridge, etcd, hosts, one overlayd each."""
+    """Make the lab: underlay bridge, etcd, hosts, one overlayd each, and M containers per host."""
     started = time.monotonic()
     _warn()
     try:
         handle = Lab(name)
         handle.up(hosts=hosts, etcd_members=int(etcd_members), network=network,
-                  subnet_lease_ttl=subnet_lease_ttl)
+                  subnet_lease_ttl=subnet_lease_ttl, containers=containers, timeout=timeout)
     except LabError as exc:
         _fail(exc)
     click.echo(f"lab {name}: underlay {handle.underlay} on {handle.bridge}, etcd {','.join(handle.etcd_endpoints)}, "
                f"{hosts} host(s) started in {time.monotonic() - started:.1f} s")
+    if containers and hosts:
+        click.echo(f"{len(handle.containers)} container(s) attached through the CNI plugin: "
+                   + ", ".join(f"{c.name} {c.address}" for c in handle.containers))
     if wait and hosts:
         try:
             handle.wait_converged(timeout=timeout)
@@ -109,6 +114,11 @@ def status(name: str, as_json: bool) -> None:
         rows.append([host["name"], host["netns"], host["public_ip"], host["subnet"] or "-", host["vxlan_device"],
                      str(host["daemon_pid"] or "not running"), "yes" if host["ready"] else "no"])
     click.echo(_table(rows))
+    containers = [(host["name"], container) for host in report["hosts"] for container in host["containers"]]
+    if containers:
+        rows = [["CONTAINER", "HOST", "NETNS", "IP", "CONTAINER ID"]]
+        rows += [[c["name"], host, c["netns"], c["ip"] or "-", c["container_id"][:12]] for host, c in containers]
+        click.echo("\n" + _table(rows))
 
 
 @lab.command()
@@ -149,21 +159,28 @@ def down(name: str, every: bool) -> None:
 @lab.command()
 @_name_option
 @click.option("--hosts", default=3, show_default=True, type=click.IntRange(2, 20))
+@click.option("--containers", default=2, show_default=True, type=click.IntRange(0, 10),
+              help="containers per host, attached through the CNI plugin")
 @click.option("--timeout", default=120.0, show_default=True, help="seconds to wait for the overlay to converge")
 @click.pass_context
-def demo(ctx: click.Context, name: str, hosts: int, timeout: float) -> None:
-    """Bring up a fresh lab, show its leases and host-to-host reachability over the overlay."""
+def demo(ctx: click.Context, name: str, hosts: int, containers: int, timeout: float) -> None:
+    """Bring up a fresh lab with containers, show its leases, host-to-host and container-to-container
+    reachability over the overlay, and a container reaching the underlay through masquerade."""
     started = time.monotonic()
     try:
         removed = teardown(name)
         if removed:
             click.echo(f"removed a leftover lab {name} ({len(removed)} namespaces/links)")
         _warn()
-        click.echo(f"starting lab {name}: etcd and {hosts} hosts, each running overlayd ...")
-        handle = Lab(name).up(hosts=hosts)
+        click.echo(f"starting lab {name}: etcd and {hosts} hosts, each running overlayd"
+                   + (f", with {containers} containers each attached through the CNI plugin" if containers else "")
+                   + " ...")
+        handle = Lab(name).up(hosts=hosts, containers=containers, timeout=timeout)
         click.echo(f"  underlay {handle.underlay} on bridge {handle.bridge}; etcd at {','.join(handle.etcd_endpoints)}")
         for host in handle.hosts:
-            click.echo(f"  {host.name}: namespace {host.netns}, eth0 {host.public_ip}, log {host.log_path}")
+            attached = ", ".join(f"{c.name} {c.address}" for c in handle.containers if c.host == host.name)
+            click.echo(f"  {host.name}: namespace {host.netns}, eth0 {host.public_ip}"
+                       + (f"; containers {attached}" if attached else "") + f"; log {host.log_path}")
         handle.wait_converged(timeout=timeout)
     except LabError as exc:
         raise click.ClickException(f"{exc}\nInspect with `overlayctl lab status --name {name}`; "
@@ -184,12 +201,51 @@ def demo(ctx: click.Context, name: str, hosts: int, timeout: float) -> None:
                                 for destination in names])
     click.echo(_table(rows))
     failures = [pair for pair, rtt in matrix.items() if rtt is None]
-    click.echo(f"\n{len(matrix) - len(failures)}/{len(matrix)} pairs reachable. The lab is still up; try:\n"
+    click.echo(f"\n{len(matrix) - len(failures)}/{len(matrix)} pairs reachable.")
+    masqueraded = True
+    if handle.containers:
+        failures += _demo_containers(handle)
+        probe = handle.masquerade_probe(handle.containers[0])
+        masqueraded = probe.masqueraded
+        click.echo(f"\nmasquerade: ping from container {probe.container} ({probe.container_ip}) to {probe.target}, "
+                   f"the lab bridge in the root namespace (the lab's outside world):\n"
+                   f"  reply: {f'{probe.rtt_ms:.2f} ms' if probe.rtt_ms is not None else 'NONE'}; the echo request "
+                   f"left host {handle.container(probe.container).host} with source "
+                   f"{probe.underlay_source or 'not seen'} (the host's public IP is {probe.host_public_ip})\n"
+                   f"  the root namespace has no route into the overlay: `ip route get {probe.container_ip}` "
+                   f"gives \"{probe.route_back}\"; only NAT brings the reply back")
+    first = handle.containers[0] if handle.containers else None
+    click.echo("\nThe lab is still up; try:\n"
                f"  overlayctl lab status --name {name}\n"
                f"  ip netns exec {handle.hosts[0].netns} ip route show dev {handle.vxlan_device}\n"
-               f"  overlayctl lab restart h2 --name {name}\n"
+               + (f"  ip netns exec {first.netns} ip addr show eth0\n" if first else "")
+               + f"  overlayctl lab restart h2 --name {name}\n"
                f"take it down with: overlayctl lab down --name {name}"
                + ("   (or: make lab-down)" if name == DEFAULT_LAB_NAME else ""))
     if failures:
         click.echo(f"unreachable: {', '.join(f'{a}->{b}' for a, b in failures)}", err=True)
+    if not masqueraded:
+        click.echo("a container could not reach the underlay through masquerade", err=True)
+    if failures or not masqueraded:
         sys.exit(1)
+
+
+def _demo_containers(handle: Lab) -> list[tuple[str, str]]:
+    """Print the container-to-container matrix; returns the unreachable pairs."""
+    matrix = handle.container_reachability()
+    containers = handle.containers
+    click.echo("\ncontainers, attached through the CNI plugin: ping from the row container to the column "
+               "container (- = itself)")
+    rows = [["FROM \\ TO"] + [f"{c.name} {c.address}" for c in containers]]
+    for source in containers:
+        rows.append([f"{source.name} on {source.host}"] + [
+            "-" if source.name == destination.name
+            else f"{rtt:.2f} ms" if (rtt := matrix[(source.name, destination.name)]) is not None else "FAIL"
+            for destination in containers])
+    click.echo(_table(rows))
+    failures = [pair for pair, rtt in matrix.items() if rtt is None]
+    hosts_of = {c.name: c.host for c in containers}
+    across = [pair for pair in matrix if hosts_of[pair[0]] != hosts_of[pair[1]]]
+    click.echo(f"\n{len(matrix) - len(failures)}/{len(matrix)} container pairs reachable "
+               f"({len([p for p in across if matrix[p] is not None])}/{len(across)} across hosts).")
+    return failures
