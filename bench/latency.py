@@ -81,6 +81,7 @@ def run(results_dir, options: LatencyOptions | None = None, progress: Progress |
     payload = {"benchmark": "latency", "started": now_iso(), "machine": machine(),
                "options": options.__dict__, "not_measured": {}}
     with bench_lab() as lab:
+        payload["lab"] = lab.name
         progress(f"lab {lab.name}: 2 hosts, etcd, 2 daemons")
         lab.up(hosts=2)
         lab.wait_converged(timeout=120)

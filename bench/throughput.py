@@ -35,7 +35,7 @@ MODES = ("tcp1", "tcp4", "udp")
 
 @dataclass(frozen=True)
 class ThroughputOptions:
-    seconds: float = 10.0
+    seconds: float = 8.0
     repeats: int = 5
     omit: int = 1          # warm-up seconds iperf3 leaves out (when seconds > 2 * omit)
 
@@ -119,6 +119,7 @@ def run(results_dir, options: ThroughputOptions | None = None, progress: Progres
     payload = {"benchmark": "throughput", "started": now_iso(), "machine": machine(),
                "options": options.__dict__, "not_measured": {}}
     with bench_lab() as lab:
+        payload["lab"] = lab.name
         progress(f"lab {lab.name}: 2 hosts, etcd, 2 daemons")
         lab.up(hosts=2)
         lab.wait_converged(timeout=120)

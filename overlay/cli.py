@@ -180,6 +180,11 @@ def _register_optional_commands() -> None:
         main.add_command(install_cni_command, name="install-cni")
     except ImportError:
         pass
+    try:
+        from bench.cli import bench_command
+        main.add_command(bench_command, name="bench")
+    except ImportError:
+        pass
 
 
 _register_optional_commands()

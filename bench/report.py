@@ -1,0 +1,318 @@
+"""The Markdown table and the plots, regenerated from the JSON results and nothing else.
+
+Design notes
+- `write_report(results_dir)` reads every <name>.json there and writes README.md (the table a
+  user reads; the top README links it) and one PNG per benchmark beside it. It runs at the end
+  of every benchmark and on its own (`bench report`), so the table never holds a figure that is
+  not in a JSON file, and a figure is never typed by hand.
+- Cells show the median and, in brackets, the spread the JSON holds (p5-p95, which with few runs
+  is close to min-max), and n where it is small. Ratios are medians of per-round ratios.
+- Plots use matplotlib's Agg backend (no display); error bars are p5..p95.
+- A benchmark this module does not know (the CNI one, written by its own module) is shown from
+  its `table` field: {"title", "columns": [...], "rows": [[...], ...], "notes": [...]}, and its
+  `plot` field (a PNG file name beside the JSON) when it drew one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import read_results
+
+ORDER = ("throughput", "latency", "convergence", "scale", "cni")
+PATH_ORDER = ("overlay", "handmade", "underlay", "container")
+
+
+def _num(value, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and value != value:
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def cell(stat: dict | None, digits: int = 2, scale: float = 1.0) -> str:
+    if not stat or not stat.get("n"):
+        return "–"
+    text = f"{stat['median'] * scale:.{digits}f} [{stat['p5'] * scale:.{digits}f}–{stat['p95'] * scale:.{digits}f}]"
+    return text + (f" n={stat['n']}" if stat["n"] < 3 else "")
+
+
+def _table(columns: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _verdict(met) -> str:
+    return "not tested at that size" if met is None else ("met" if met else "NOT met")
+
+
+def _machine_line(payload: dict) -> str:
+    m = payload.get("machine", {})
+    return (f"_Run {payload.get('started', '?')} on {m.get('cpus', '?')} CPUs ({m.get('cpu_model', '?')}), "
+            f"kernel {m.get('kernel', '?')}, load average at start {m.get('loadavg_at_start', '?')}._")
+
+
+# ------------------------------------------------------------------------------- sections
+
+def throughput_section(p: dict) -> list[str]:
+    opts = p.get("options", {})
+    out = ["## Throughput (iperf3, Gbit/s)", "",
+           f"Host to host between two lab hosts; {opts.get('repeats')} rounds of {opts.get('seconds')} s per "
+           f"mode and path, paths interleaved. UDP: unlimited rate, {p.get('udp_datagram_bytes')}-byte datagrams "
+           "on every path, receiver's rate. Median [p5–p95]; ratios are medians of per-round ratios.", ""]
+    results = p.get("results", {})
+    paths = [name for name in PATH_ORDER if name in p.get("paths", {})]
+    columns = ["mode"] + [p["paths"][name]["label"] for name in paths] + ["ours / hand-built", "ours / underlay"]
+    rows = []
+    for mode in ("tcp1", "tcp4", "udp"):
+        if mode not in results:
+            continue
+        r = results[mode]
+        label = {"tcp1": "TCP, 1 stream", "tcp4": "TCP, 4 streams", "udp": "UDP"}[mode]
+        rows.append([label] + [cell(r["paths"][name]["gbps"]) for name in paths]
+                    + [cell(r["ratio_ours_to_handmade"], 3), cell(r["ratio_ours_to_underlay"], 3)])
+    out += _table(columns, rows)
+    overlay = p.get("paths", {}).get("overlay", {}).get("devices", {})
+    mtus = {name: info.get("devices", {}).get("h1", {}).get("mtu") for name, info in p.get("paths", {}).items()}
+    out += ["", f"MTU: {', '.join(f'{name} {mtu}' for name, mtu in mtus.items())}. "
+            f"Settings where ours and the hand-built device differ: "
+            f"{'; '.join(p.get('overlay_vs_handmade_setting_differences') or ['none'])}."]
+    if overlay:
+        offloads = overlay.get("h1", {}).get("offloads_on", [])
+        out += [f"Offloads on our device: {', '.join(offloads) or 'none'}."]
+    target = p.get("target", {})
+    if target:
+        met = ", ".join(f"{mode} {_verdict(ok)}" for mode, ok in target.get("met", {}).items())
+        out += [f"Target {target.get('what')}: {met}."]
+    for name, why in p.get("not_measured", {}).items():
+        out += [f"Not measured: {name} ({why})."]
+    return out + ["", _machine_line(p), "", "![throughput](throughput.png)", ""]
+
+
+def latency_section(p: dict) -> list[str]:
+    opts = p.get("options", {})
+    out = ["## Latency", "",
+           f"ping: {opts.get('pings')} echoes {opts.get('interval')} s apart per run; request/response: "
+           f"1-byte TCP round trips on one connection for {opts.get('rr_seconds')} s (bench/rr.py); "
+           f"{opts.get('repeats')} rounds, paths interleaved. Median [p5–p95] across rounds.", ""]
+    results = p.get("results", {})
+    rows = []
+    for name in PATH_ORDER:
+        if name not in results:
+            continue
+        r = results[name]
+        rows.append([p["paths"][name]["label"], cell(r["ping_p50_us"], 0), cell(r["ping_p99_us"], 0),
+                     f"{r['ping_lost']}/{r['ping_sent']}", cell(r["rr_rate_per_s"], 0), cell(r["rr_p50_us"], 1),
+                     cell(r["rr_p99_us"], 1)])
+    out += _table(["path", "ping p50 (µs)", "ping p99 (µs)", "lost", "TCP RR (trans/s)", "RR p50 (µs)",
+                   "RR p99 (µs)"], rows)
+    ratios = p.get("ratios", {})
+    out += ["", "Ratios (per round): " + "; ".join(f"{key.replace('_', ' ')} {cell(value, 3)}"
+                                                  for key, value in ratios.items()) + "."]
+    for name, why in p.get("not_measured", {}).items():
+        out += [f"Not measured: {name} ({why})."]
+    return out + ["", _machine_line(p), "", "![latency](latency.png)", ""]
+
+
+def convergence_section(p: dict) -> list[str]:
+    opts = p.get("options", {})
+    out = ["## Convergence", "",
+           "A newcomer joins a lab of N hosts (N-1 observers): from our etcd watch seeing its lease to its "
+           "route, neighbour and FDB entry on every observer (kernel notifications stamped by `ip -ts "
+           f"monitor`); {opts.get('joins')} joins per N. Ready: daemon start to /readyz 200 (includes "
+           "the interpreter's start-up). Median [p5–p95], p99 beside.", ""]
+    rows = []
+    for size, s in sorted(p.get("sizes", {}).items(), key=lambda item: int(item[0])):
+        conv = s["converged_all_ms"]
+        rows.append([size, cell(conv, 1), _num(conv.get("p99"), 1), cell(s["converged_median_observer_ms"], 1),
+                     cell(s["removed_all_ms"], 1), cell(s["ready_s"], 2), _num(s["ready_s"].get("p99"), 2)])
+    out += _table(["hosts N", "on every other host (ms)", "p99 (ms)", "median observer (ms)",
+                   "lease deleted → removed everywhere (ms)", "start → ready (s)", "ready p99 (s)"], rows)
+    target = p.get("target", {})
+    if target:
+        out += ["", f"Target {target.get('what')}: p99 {target.get('p99_ms')} ms at {target.get('hosts')} hosts, "
+                    f"{_verdict(target.get('met'))}."]
+    return out + ["", _machine_line(p), "", "![convergence](convergence.png)", ""]
+
+
+def scale_section(p: dict) -> list[str]:
+    opts = p.get("options", {})
+    out = ["## Scale (one daemon, fake peers written straight into etcd)", "",
+           f"{opts.get('repeats')} live programming runs per size (from the last etcd write acknowledged to "
+           "every route in the kernel), one change = one lease added (etcd watch → route notification), "
+           f"{opts.get('changes')} per size; idle CPU over {opts.get('idle_seconds')} s; floor = `ip -batch` + "
+           "`bridge -batch` programming the same peers, same run.", ""]
+    rows = []
+    for size, s in sorted(p.get("sizes", {}).items(), key=lambda item: int(item[0])):
+        rows.append([size, cell(s["program_from_last_write_s"], 3), cell(s["cold_start_routes_s"], 3),
+                     cell(s["ip_batch_floor"]["seconds"], 3), _num(s.get("ratio_program_to_ip_batch"), 1),
+                     cell(s["one_change_add_ms"], 1), _num(s["one_change_add_ms"].get("p99"), 1),
+                     cell(s["one_change_add_reconcile_ms"], 1), cell(s["remove_all_s"], 3),
+                     _num(s["rss_mb_live"].get("VmHWM"), 1), _num(s["idle_cpu"].get("percent_overall"), 2)])
+    out += _table(["peers", "program all (s)", "cold start → all routes (s)", "ip -batch floor (s)",
+                   "ours / floor", "one change (ms)", "one change p99 (ms)", "daemon reconcile for it (ms)",
+                   "remove all (s)", "peak RSS (MB)", "idle CPU (%)"], rows)
+    targets = p.get("targets", {})
+    if targets:
+        out += ["", f"Targets at {targets.get('peers')} peers: " + "; ".join(
+            f"{key.replace('_', ' ')}: {_verdict(ok)}" for key, ok in targets.items() if key != "peers") + "."]
+    return out + ["", _machine_line(p), "", "![scale](scale.png)", ""]
+
+
+def generic_section(name: str, p: dict) -> list[str]:
+    table = p.get("table") or {}
+    out = [f"## {table.get('title', name)}", ""]
+    if table.get("columns"):
+        out += _table(table["columns"], table.get("rows", []))
+    out += [""] + list(table.get("notes", []))
+    if p.get("machine"):
+        out += ["", _machine_line(p)]
+    if p.get("plot"):
+        out += ["", f"![{name}]({p['plot']})"]
+    return out + [""]
+
+
+SECTIONS = {"throughput": throughput_section, "latency": latency_section,
+            "convergence": convergence_section, "scale": scale_section}
+
+
+# ------------------------------------------------------------------------------- plots
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _err(stats: list[dict], scale: float = 1.0):
+    medians = [s.get("median", 0) * scale for s in stats]
+    low = [max(0.0, (s.get("median", 0) - s.get("p5", 0)) * scale) for s in stats]
+    high = [max(0.0, (s.get("p95", 0) - s.get("median", 0)) * scale) for s in stats]
+    return medians, [low, high]
+
+
+def plot_throughput(p: dict, path: Path) -> None:
+    plt = _plt()
+    results = p["results"]
+    modes = [m for m in ("tcp1", "tcp4", "udp") if m in results]
+    paths = [name for name in PATH_ORDER if name in p["paths"]]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / max(1, len(paths))
+    for index, name in enumerate(paths):
+        medians, err = _err([results[m]["paths"][name]["gbps"] for m in modes])
+        ax.bar([i + index * width for i in range(len(modes))], medians, width, yerr=err, capsize=3,
+               label=p["paths"][name]["label"])
+    ax.set_xticks([i + width * (len(paths) - 1) / 2 for i in range(len(modes))])
+    ax.set_xticklabels([{"tcp1": "TCP 1 stream", "tcp4": "TCP 4 streams", "udp": "UDP"}[m] for m in modes])
+    ax.set_ylabel("Gbit/s (median, p5–p95)")
+    ax.set_title("Throughput between two lab hosts")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_latency(p: dict, path: Path) -> None:
+    plt = _plt()
+    results = p["results"]
+    paths = [name for name in PATH_ORDER if name in results]
+    labels = [p["paths"][name]["label"].split(" (")[0] for name in paths]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for offset, key, label in ((-0.2, "ping_p50_us", "p50"), (0.2, "ping_p99_us", "p99")):
+        medians, err = _err([results[name][key] for name in paths])
+        left.bar([i + offset for i in range(len(paths))], medians, 0.4, yerr=err, capsize=3, label=label)
+    left.set_xticks(range(len(paths)))
+    left.set_xticklabels(labels, fontsize=8)
+    left.set_ylabel("ping RTT (µs)")
+    left.legend()
+    medians, err = _err([results[name]["rr_rate_per_s"] for name in paths])
+    right.bar(range(len(paths)), medians, 0.6, yerr=err, capsize=3, color="tab:green")
+    right.set_xticks(range(len(paths)))
+    right.set_xticklabels(labels, fontsize=8)
+    right.set_ylabel("1-byte TCP transactions / s")
+    fig.suptitle("Latency between two lab hosts (median, p5–p95)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_convergence(p: dict, path: Path) -> None:
+    plt = _plt()
+    sizes = sorted(p["sizes"], key=int)
+    xs = [int(s) for s in sizes]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    conv = [p["sizes"][s]["converged_all_ms"] for s in sizes]
+    left.plot(xs, [c["median"] for c in conv], "o-", label="median")
+    left.plot(xs, [c.get("p99", c["max"]) for c in conv], "s--", label="p99")
+    left.fill_between(xs, [c["min"] for c in conv], [c["max"] for c in conv], alpha=0.2, label="min–max")
+    left.axhline(200, color="red", linestyle=":", label="target p99 at 50 hosts")
+    left.set_xlabel("hosts")
+    left.set_ylabel("lease in etcd → on every other host (ms)")
+    left.legend(fontsize=8)
+    ready = [p["sizes"][s]["ready_s"] for s in sizes]
+    medians, err = _err(ready)
+    right.errorbar(xs, medians, yerr=err, fmt="o-", capsize=3)
+    right.set_xlabel("hosts")
+    right.set_ylabel("daemon start → ready (s)")
+    fig.suptitle("Convergence of a newcomer (median, spread)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_scale(p: dict, path: Path) -> None:
+    plt = _plt()
+    sizes = sorted(p["sizes"], key=int)
+    xs = [int(s) for s in sizes]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label, fmt in (("program_from_last_write_s", "ours, live", "o-"),
+                            ("cold_start_routes_s", "ours, cold start", "s-")):
+        medians, err = _err([p["sizes"][s][key] for s in sizes])
+        left.errorbar(xs, medians, yerr=err, fmt=fmt, capsize=3, label=label)
+    medians, err = _err([p["sizes"][s]["ip_batch_floor"]["seconds"] for s in sizes])
+    left.errorbar(xs, medians, yerr=err, fmt="^--", capsize=3, label="ip -batch floor")
+    left.set_yscale("log")
+    left.set_xlabel("peers")
+    left.set_ylabel("time to program every peer (s)")
+    left.legend(fontsize=8)
+    medians, err = _err([p["sizes"][s]["one_change_add_ms"] for s in sizes])
+    right.errorbar(xs, medians, yerr=err, fmt="o-", capsize=3, label="one change, etcd → route")
+    medians, err = _err([p["sizes"][s]["one_change_add_reconcile_ms"] for s in sizes])
+    right.errorbar(xs, medians, yerr=err, fmt="s--", capsize=3, label="daemon's reconcile for it")
+    right.set_xlabel("peers")
+    right.set_ylabel("ms")
+    right.legend(fontsize=8)
+    fig.suptitle("One daemon at scale (median, p5–p95)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+PLOTS = {"throughput": plot_throughput, "latency": plot_latency, "convergence": plot_convergence,
+         "scale": plot_scale}
+
+
+def write_report(results_dir: Path) -> Path:
+    results = read_results(results_dir)
+    lines = ["# Benchmark results", "",
+             "Generated by `overlayctl bench` (or `python -m bench`) from the JSON files in this directory; "
+             "do not edit by hand. Regenerate the table and plots alone with `overlayctl bench report`. "
+             "Each figure is the median of repeated runs with its spread [p5–p95]; every comparison is a "
+             "ratio measured within one run.", ""]
+    names = [name for name in ORDER if name in results] + sorted(set(results) - set(ORDER))
+    if not names:
+        lines += ["No results yet: run `overlayctl bench all`.", ""]
+    for name in names:
+        payload = results[name]
+        section = SECTIONS.get(name)
+        lines += section(payload) if section else generic_section(name, payload)
+        plot = PLOTS.get(name)
+        if plot is not None:
+            plot(payload, results_dir / f"{name}.png")
+    readme = results_dir / "README.md"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    readme.write_text("\n".join(lines).rstrip() + "\n")
+    return readme
