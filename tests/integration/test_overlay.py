@@ -329,3 +329,23 @@ def test_a_lease_deleted_under_a_running_daemon_is_claimed_again(lab):
     lab.wait_converged(timeout=60)
     assert lab.subnet("h1") == subnet
     assert lease_json(lab, "h1")["PublicIP"] == str(lab.host("h1").public_ip)
+
+
+def test_out_of_subnets_is_a_clear_error_and_a_freed_subnet_is_taken(lab):
+    # A /22 cut into /24s leaves three leasable subnets (flannel skips the first): three hosts
+    # get one each, the fourth waits, saying why, until one is released.
+    lab.up(hosts=4, start_daemons=False,
+           network_config='{"Network": "10.244.0.0/22", "SubnetLen": 24, "Backend": {"Type": "vxlan"}}')
+    for host in ("h1", "h2", "h3"):
+        lab.start_daemon(host)
+    lab.wait_converged(["h1", "h2", "h3"], timeout=90)
+    lab.start_daemon("h4")
+    wait_for(lambda: "out of subnets" in lab.daemon_log("h4"), "h4 to report that no subnet is free")
+    assert lab.daemon_pid("h4") is not None and not lab.ready("h4")
+    assert lab.subnet("h4") is None
+    freed = lab.subnet("h3")
+    lab.stop_daemon("h3")
+    lab.etcdctl("del", subnet_key(PREFIX, freed))
+    lab.wait_ready(["h4"], timeout=60)
+    assert lab.subnet("h4") == freed
+    lab.wait_converged(["h1", "h2", "h4"], timeout=60)
