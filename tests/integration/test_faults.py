@@ -1,0 +1,540 @@
+"""Faults survived, nothing lost (issue 6): real processes killed on a lab, the end state checked.
+
+Each test makes its own lab (`f` + 3 random characters), kills something real (an etcd member,
+the whole etcd cluster, a daemon with SIGKILL, a host), and then checks what matters to the
+workloads: packets lost by a continuous ping, leases that lapsed, routes, neighbours and FDB
+entries in every kernel, addresses handed out twice, allocations and veths leaked.
+
+Figures (packets lost, times) are printed (pytest -s); only correctness is asserted. The machine
+is a noisy 2-core box: every wait polls against a generous deadline. The one deliberate passage
+of time is the etcd outage, OVERLAY_FAULT_OUTAGE seconds (default 60, as in the issue).
+
+How a loss is counted: ping runs every 10 ms with its replies written to a file; a lost packet
+is a sequence number sent and never answered. The last one sent before ping is stopped may still
+be in flight, so it is not counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import secrets
+import select
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+
+import pytest
+
+from overlay.dataplane import vtep_mac
+from overlay.etcd import EtcdStore
+from overlay.lab import Lab, teardown, wait_until
+from overlay.lease import subnet_key
+from tests.support.cni import Plugin, allocations, host_veths
+from tests.support.etcd import leader_index
+
+PREFIX = "/coreos.com/network"
+OUTAGE = float(os.environ.get("OVERLAY_FAULT_OUTAGE", "60"))
+
+
+@pytest.fixture
+def lab():
+    name = "f" + "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(3))
+    try:
+        with Lab(name) as handle:
+            yield handle
+    finally:
+        teardown(name)
+
+
+def wait_for(predicate, what: str, timeout: float = 60.0):
+    return wait_until(predicate, time.monotonic() + timeout, what)
+
+
+# ------------------------------------------------------------------------------- observing
+
+class Pinger:
+    """`ping -i 0.01` running in a namespace, its replies counted by sequence number."""
+
+    def __init__(self, netns: str, target: IPv4Address | str, log_path: Path):
+        self.target = str(target)
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.process = subprocess.Popen(["ip", "netns", "exec", netns, "ping", "-n", "-i", "0.01", "-W", "1",
+                                         self.target], stdin=subprocess.DEVNULL, stdout=self._log,
+                                        stderr=subprocess.STDOUT)
+        self.started = time.monotonic()
+        self.result: PingResult | None = None
+
+    def replies(self) -> int:
+        self._log.flush()
+        return self.log_path.read_text().count("bytes from")
+
+    def wait_replies(self, more: int, timeout: float = 60.0) -> None:
+        """Poll until `more` further replies have come in: traffic really flowed over a period."""
+        target = self.replies() + more
+        wait_for(lambda: self.replies() >= target, f"{more} more replies from {self.target}", timeout)
+
+    def stop(self) -> "PingResult":
+        if self.result is None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGINT)
+            self.process.wait(timeout=30)
+            self._log.close()
+            self.result = PingResult.parse(self.log_path.read_text(), time.monotonic() - self.started)
+        return self.result
+
+
+@dataclass(frozen=True)
+class PingResult:
+    sent: int
+    answered: int
+    lost: list[int]        # sequence numbers sent and never answered (the last one excepted)
+    duplicates: int
+    seconds: float
+
+    @classmethod
+    def parse(cls, output: str, seconds: float) -> "PingResult":
+        match = re.search(r"(\d+) packets transmitted", output)
+        assert match, f"ping printed no summary:\n{output[-2000:]}"
+        sent = int(match.group(1))
+        replies = [int(seq) for seq in re.findall(r"bytes from .* icmp_seq=(\d+)", output)]
+        answered = set(replies)
+        # icmp_seq starts at 1; the last one sent may still have been on its way when stopped.
+        lost = [seq for seq in range(1, sent) if seq not in answered]
+        return cls(sent, len(answered), lost, len(replies) - len(answered), seconds)
+
+    def describe(self) -> str:
+        return (f"{self.sent} sent over {self.seconds:.1f} s, {len(self.lost)} lost"
+                f"{f' (seq {self.lost[:10]})' if self.lost else ''}, {self.duplicates} duplicates")
+
+
+def readyz(lab: Lab, host: str) -> int | None:
+    """The HTTP status of the daemon's /readyz, None when nothing answers."""
+    try:
+        with urllib.request.urlopen(lab.host(host).url("/readyz"), timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (OSError, urllib.error.URLError):
+        return None
+
+
+def leases(lab: Lab) -> dict[str, int]:
+    """{key: etcd lease id} of every subnet lease in etcd, read with etcdctl."""
+    out = json.loads(lab.etcdctl("get", f"{PREFIX}/subnets/", "--prefix", "-w", "json").stdout)
+    return {base64.b64decode(kv["key"]).decode(): int(kv.get("lease", 0)) for kv in out.get("kvs") or []}
+
+
+def ip_json(lab: Lab, host: str, *args: str, tool: str = "ip") -> list[dict]:
+    result = lab.exec(host, [tool, "-j", *args], check=True)
+    return json.loads(result.stdout or "[]")
+
+
+@dataclass(frozen=True)
+class Vxlan:
+    """What the host's kernel holds on the VXLAN device, as lists (so duplicates show)."""
+    routes: list[str]          # unicast destinations, every table
+    neighbours: list[tuple[str, str]]   # (ip, lladdr)
+    fdb: list[tuple[str, str]]          # (mac, dst)
+
+    @classmethod
+    def read(cls, lab: Lab, host: str) -> "Vxlan":
+        device = lab.vxlan_device
+        # Every table, so a duplicate anywhere shows; the kernel's own local/broadcast routes aside.
+        routes = [route["dst"] for route in ip_json(lab, host, "-4", "route", "show", "table", "all", "dev", device)
+                  if route.get("type", "unicast") == "unicast"]
+        neighbours = [(n["dst"], n.get("lladdr", "")) for n in ip_json(lab, host, "-4", "neigh", "show", "dev", device)]
+        fdb = [(entry["mac"], entry["dst"]) for entry in ip_json(lab, host, "fdb", "show", "dev", device, tool="bridge")
+               if "dst" in entry]
+        return cls(routes, neighbours, fdb)
+
+    def matches(self, peers: dict[IPv4Network, tuple[str, str]]) -> bool:
+        """Exactly one route, neighbour and FDB entry per peer {subnet: (public IP, VTEP MAC)}."""
+        return (sorted(self.routes) == sorted(str(subnet) for subnet in peers)
+                and sorted(self.neighbours) == sorted((str(s.network_address), mac) for s, (_, mac) in peers.items())
+                and sorted(self.fdb) == sorted((mac, ip) for ip, mac in peers.values()))
+
+    def counts(self) -> str:
+        return f"{len(self.routes)} routes, {len(self.neighbours)} neighbours, {len(self.fdb)} FDB entries"
+
+
+def real_peers(lab: Lab, exclude: str) -> dict[IPv4Network, tuple[str, str]]:
+    """{subnet: (public IP, VTEP MAC)} of every lab host but `exclude`, from etcd."""
+    peers = {}
+    for host in lab.hosts:
+        if host.name == exclude:
+            continue
+        value = json.loads(lab.etcdctl("get", subnet_key(PREFIX, lab.subnet(host)), "--print-value-only").stdout)
+        peers[lab.subnet(host)] = (value["PublicIP"], value["BackendData"]["VtepMAC"])
+    return peers
+
+
+def first_reply(lab: Lab, host: str, target, what: str) -> None:
+    wait_for(lambda: lab.ping(host, target) is not None, what)
+
+
+# ------------------------------------------------------------------------------- etcd faults
+
+def test_etcd_member_loss_follower_then_leader_loses_no_lease_and_a_newcomer_converges(lab):
+    ttl = 3
+    lab.up(hosts=3, etcd_members=3, subnet_lease_ttl=ttl)
+    lab.wait_converged(timeout=120)
+    members = [member.member() for member in lab.etcd_members]
+    held = leases(lab)
+    assert len(held) == 3 and all(held.values())
+    lapses: list[str] = []
+
+    for round_, which in enumerate(("follower", "leader")):
+        leader = leader_index(lab.etcd_processes)
+        victim = leader if which == "leader" else (leader + 1) % 3
+        process = lab.etcd_processes[victim]
+        process.kill()
+        killed = time.monotonic()
+        newcomer = lab.add_host()
+        # While the member is down: every lease keeps its etcd lease (never lapses, never replaced),
+        # for at least three TTLs and until the newcomer is routed everywhere.
+        converged_after = None
+        while True:
+            now = leases(lab)
+            lapses += [f"{key} lapsed or was replaced" for key, lease in held.items() if now.get(key) != lease]
+            if converged_after is None and lab.subnet(newcomer) and lab.converged():
+                converged_after = time.monotonic() - killed
+            if converged_after is not None and time.monotonic() - killed > 3 * ttl:
+                break
+            assert time.monotonic() - killed < 120, f"no convergence with {which} down: {lab.convergence_gaps()}"
+            assert not lapses, lapses
+            time.sleep(0.2)  # poll interval
+        lab.wait_ready(timeout=60)
+        print(f"etcd {which} {process.member.name} SIGKILLed: newcomer {newcomer.name} routed by every host "
+              f"{converged_after:.2f} s later; {len(held)} leases watched for {time.monotonic() - killed:.1f} s, "
+              f"0 lapsed")
+        held = leases(lab)
+        assert len(held) == 4 + round_
+        process.start(members)
+        process.wait_healthy(time.monotonic() + 60)
+    assert not lapses, lapses
+    lab.wait_converged(timeout=60)
+    for host in lab.hosts:
+        assert lab.overlay_routes(host) == {lab.subnet(other) for other in lab.hosts if other != host}
+
+
+def test_whole_etcd_cluster_down_traffic_flows_daemons_not_ready_then_converge(lab, tmp_path):
+    lab.up(hosts=3, etcd_members=3)
+    lab.wait_converged(timeout=120)
+    h1_target, h2_target = lab.overlay_address("h2"), lab.overlay_address("h1")
+    gone = lab.subnet("h3")
+    routes_before = {host: lab.overlay_routes(host) for host in ("h1", "h2")}
+
+    # Two containers on different hosts, attached through the CNI plugin and the daemons' service.
+    container_ips, plugins = {}, {}
+    for host in ("h1", "h2"):
+        plugin = plugins[host] = Plugin(tmp_path / host / "bin", tmp_path / host / "net.d", lab.host(host).run_dir)
+        netns = f"ovl-{lab.name}-{host}c1"
+        subprocess.run(["ip", "netns", "add", netns], check=True)
+        status, result = plugin.run("ADD", plugin.config(), f"fault-{host}", f"/run/netns/{netns}")
+        assert status == 0, result
+        container_ips[host] = IPv4Interface(result["ips"][0]["address"]).ip
+    container_ns = f"ovl-{lab.name}-h1c1"
+    wait_for(lambda: subprocess.run(["ip", "netns", "exec", container_ns, "ping", "-c", "1", "-W", "1",
+                                     str(container_ips["h2"])], capture_output=True).returncode == 0,
+             "container h1c1 reaches h2c1")
+    first_reply(lab, "h1", h1_target, "h1 reaches h2 over the overlay")
+    first_reply(lab, "h2", h2_target, "h2 reaches h1 over the overlay")
+    pingers = {"h1 -> h2": Pinger(lab.host("h1").netns, h1_target, tmp_path / "h1.ping"),
+               "h2 -> h1": Pinger(lab.host("h2").netns, h2_target, tmp_path / "h2.ping"),
+               "h1c1 -> h2c1": Pinger(container_ns, container_ips["h2"], tmp_path / "c.ping")}
+    try:
+        stopped = time.monotonic()
+        from overlay.etcd_server import stop_cluster
+        stop_cluster(lab.etcd_processes)
+        # Every daemon notices and says so on /readyz, but keeps its data plane.
+        wait_for(lambda: all(readyz(lab, host) == 503 for host in ("h1", "h2", "h3")),
+                 "/readyz 503 on every host while etcd is down", timeout=max(60.0, OUTAGE))
+        noticed = time.monotonic() - stopped
+        # Meanwhile h3 is lost for good, and a new host h4 starts while there is no etcd at all.
+        lab.remove_host("h3")
+        h4 = lab.add_host()
+        time.sleep(max(0.0, OUTAGE - (time.monotonic() - stopped)))  # the outage itself, on purpose
+        for host in ("h1", "h2"):
+            assert readyz(lab, host) == 503
+            assert lab.overlay_routes(host) == routes_before[host], f"{host} changed its data plane without etcd"
+        assert lab.daemon_pid("h1") and lab.daemon_pid("h2") and lab.daemon_pid(h4)
+        members = [member.member() for member in lab.etcd_members]
+        for process in lab.etcd_processes:
+            process.start(members)
+        deadline = time.monotonic() + 60
+        for process in lab.etcd_processes:
+            process.wait_healthy(deadline)
+        back = time.monotonic()
+        # Right after etcd is back the operator deletes the lost host's lease.
+        lab.etcdctl("del", subnet_key(PREFIX, gone))
+        lab.wait_converged(timeout=120)
+        wait_for(lambda: all(gone not in lab.overlay_routes(host) for host in ("h1", "h2")),
+                 f"the lost host's {gone} removed from h1 and h2")
+        converged = time.monotonic() - back
+        for host in lab.hosts:
+            assert lab.overlay_routes(host) == {lab.subnet(other) for other in lab.hosts if other != host}
+        first_reply(lab, "h1", lab.overlay_address(h4), "h1 reaches the new host h4")
+        results = {name: pinger.stop() for name, pinger in pingers.items()}
+    finally:
+        for pinger in pingers.values():
+            pinger.stop()
+        for host, plugin in plugins.items():
+            plugin.run("DEL", plugin.config(), f"fault-{host}", f"/run/netns/ovl-{lab.name}-{host}c1")
+    print(f"etcd cluster (3 members) down {back - stopped:.1f} s: every daemon reported not ready "
+          f"{noticed:.1f} s after the stop; after etcd returned, converged (h3 gone, h4 joined) in {converged:.2f} s")
+    for name, result in results.items():
+        print(f"  continuous ping {name}: {result.describe()}")
+    for name, result in results.items():
+        assert result.sent > 0 and not result.lost, f"{name}: {result.describe()}"
+
+
+# ------------------------------------------------------------------------------- daemon faults
+
+def test_daemon_sigkill_and_restart_under_traffic_loses_no_packet(lab, tmp_path):
+    lab.up(hosts=2)
+    lab.wait_converged(timeout=90)
+    subnets = {host: lab.subnet(host) for host in ("h1", "h2")}
+    first_reply(lab, "h1", lab.overlay_address("h2"), "h1 reaches h2")
+    first_reply(lab, "h2", lab.overlay_address("h1"), "h2 reaches h1")
+    pingers = {"h1 -> h2": Pinger(lab.host("h1").netns, lab.overlay_address("h2"), tmp_path / "a.ping"),
+               "h2 -> h1": Pinger(lab.host("h2").netns, lab.overlay_address("h1"), tmp_path / "b.ping")}
+    ready_times = []
+    try:
+        for host in ("h2", "h1", "h2", "h1"):
+            for pinger in pingers.values():
+                pinger.wait_replies(100)
+            lab.kill_daemon(host)
+            started = time.monotonic()
+            lab.start_daemon(host)
+            lab.wait_ready([host], timeout=60)
+            ready_times.append(time.monotonic() - started)
+        for pinger in pingers.values():
+            pinger.wait_replies(100)
+        results = {name: pinger.stop() for name, pinger in pingers.items()}
+    finally:
+        for pinger in pingers.values():
+            pinger.stop()
+    print(f"4 SIGKILLs (h2, h1, h2, h1), each restarted: ready {', '.join(f'{t:.2f}' for t in ready_times)} s "
+          f"after start")
+    for name, result in results.items():
+        print(f"  continuous ping {name}: {result.describe()}")
+    assert {host: lab.subnet(host) for host in ("h1", "h2")} == subnets
+    lab.wait_converged(timeout=60)
+    for name, result in results.items():
+        assert result.sent > 0 and not result.lost, f"{name}: {result.describe()}"
+
+
+def fake_peers(lab: Lab, count: int) -> dict[IPv4Network, tuple[str, str]]:
+    """count subnets of the lab's network no host holds, each with a fake public IP and VTEP MAC."""
+    from overlay.config import parse_config
+    config = parse_config(lab.state["network_config"])
+    taken = {lab.subnet(host) for host in lab.hosts}
+    free = [subnet for subnet in config.network.subnets(new_prefix=config.subnet_len)
+            if config.holds(subnet) and subnet not in taken]
+    assert len(free) >= count
+    return {subnet: (str(IPv4Address("100.64.0.1") + index), vtep_mac(IPv4Address("100.64.0.1") + index, 1))
+            for index, subnet in enumerate(free[:count])}
+
+
+def write_leases(lab: Lab, peers: dict[IPv4Network, tuple[str, str]], delete: bool = False) -> float:
+    """Put (or delete) flannel leases for peers straight into etcd, many requests at once."""
+    async def run() -> None:
+        store = EtcdStore(lab.etcd_settings())
+        limit = asyncio.Semaphore(64)
+
+        async def one(subnet: IPv4Network, public_ip: str, mac: str) -> None:
+            key = subnet_key(PREFIX, subnet)
+            async with limit:
+                if delete:
+                    await store.delete_key(key)
+                else:
+                    value = json.dumps({"PublicIP": public_ip, "PublicIPv6": None, "BackendType": "vxlan",
+                                        "BackendData": {"VNI": 1, "VtepMAC": mac}})
+                    assert await store.create_if_absent(key, value, 0)
+        try:
+            await asyncio.gather(*(one(subnet, ip, mac) for subnet, (ip, mac) in peers.items()))
+        finally:
+            await store.close()
+    started = time.monotonic()
+    asyncio.run(run())
+    return time.monotonic() - started
+
+
+def kill_when_routes_appear(lab: Lab, host: str, attempts: int = 6) -> tuple[Vxlan, int]:
+    """Start the host's daemon and SIGKILL it as soon as the kernel reports its first VXLAN route,
+    until the kill lands while the routes are only partly programmed. Returns what the kernel held
+    after the kill and the attempts it took."""
+    netns, device = lab.host(host).netns, lab.vxlan_device
+    held = None
+    for attempt in range(1, attempts + 1):
+        monitor = subprocess.Popen(["stdbuf", "-oL", "ip", "-n", netns, "monitor", "route"],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(0.2)  # let ip subscribe to the route group before the daemon starts
+            pid = lab.start_daemon(host)
+            deadline = time.monotonic() + 60
+            buffered = b""
+            while f"dev {device}".encode() not in buffered:
+                assert time.monotonic() < deadline, f"no route programmed:\n{lab.daemon_log(host)}"
+                readable, _, _ = select.select([monitor.stdout], [], [], 0.5)
+                if readable:
+                    buffered += os.read(monitor.stdout.fileno(), 65536)
+            os.kill(pid, signal.SIGKILL)
+        finally:
+            monitor.kill()
+            monitor.wait()
+        lab.kill_daemon(host)
+        held = Vxlan.read(lab, host)
+        total = 1000 + len(lab.hosts) - 1
+        print(f"attempt {attempt}: SIGKILL at the first route event left {held.counts()} (of {total} each)")
+        if len(held.routes) < total:
+            return held, attempt
+        # Too late: everything was in already. Start over from an empty device.
+        lab.exec(host, ["ip", "link", "del", device], check=True)
+    pytest.fail(f"the daemon finished programming before SIGKILL in {attempts} attempts")
+
+
+def test_sigkill_while_programming_1000_peers_then_restart_converges_exactly(lab):
+    lab.up(hosts=2, network="10.96.0.0/14")   # 1022 /24 subnets: room for 1000 more peers
+    lab.wait_converged(timeout=90)
+    lab.stop_daemon("h1")
+    fakes = fake_peers(lab, 1000)
+    wrote = write_leases(lab, fakes)
+    print(f"1000 leases written into etcd in {wrote:.2f} s")
+    partial, attempts = kill_when_routes_appear(lab, "h1")
+    started = time.monotonic()
+    lab.start_daemon("h1")
+    lab.wait_ready(["h1"], timeout=120)
+    expected = {**fakes, **real_peers(lab, exclude="h1")}
+    wait_for(lambda: Vxlan.read(lab, "h1").matches(expected), "h1 holds exactly the 1001 peers", timeout=120)
+    print(f"SIGKILLed with {partial.counts()}; restarted: exactly 1001 peers, no duplicate, "
+          f"{time.monotonic() - started:.2f} s after start")
+    wait_for(lambda: Vxlan.read(lab, "h2").matches({**fakes, **real_peers(lab, exclude="h2")}),
+             "h2 holds exactly the 1001 peers", timeout=120)
+
+    # Half the peers leave: every trace of them goes, the rest stays.
+    leaving = dict(list(fakes.items())[::2])
+    write_leases(lab, leaving, delete=True)
+    started = time.monotonic()
+    remaining = {subnet: peer for subnet, peer in fakes.items() if subnet not in leaving}
+    for host in ("h1", "h2"):
+        wanted = {**remaining, **real_peers(lab, exclude=host)}
+        wait_for(lambda: Vxlan.read(lab, host).matches(wanted), f"{host} holds exactly the 501 peers left",
+                 timeout=120)
+    print(f"500 leases deleted: both hosts hold exactly the 501 peers left {time.monotonic() - started:.2f} s later")
+    assert lab.ping("h1", lab.overlay_address("h2")) is not None
+
+
+# ------------------------------------------------------------------------------- host loss
+
+def test_a_lost_host_expires_everywhere_and_returns_to_its_old_subnet(lab):
+    ttl = 3
+    lab.up(hosts=3, subnet_lease_ttl=ttl)
+    lab.wait_converged(timeout=90)
+    lost, subnet = "h3", lab.subnet("h3")
+    held = leases(lab)
+    survivors = {key: lease for key, lease in held.items() if key != subnet_key(PREFIX, subnet)}
+    lab.kill_daemon(lost)
+    killed = time.monotonic()
+
+    def gone_everywhere() -> bool:
+        now = leases(lab)
+        assert all(now.get(key) == lease for key, lease in survivors.items()), f"a live host's lease lapsed: {now}"
+        if subnet_key(PREFIX, subnet) in now:
+            return False
+        return all(Vxlan.read(lab, host).matches(real_peers_without(lab, host, lost)) for host in ("h1", "h2"))
+
+    wait_for(gone_everywhere, f"{lost}'s lease to expire and leave h1 and h2", timeout=90)
+    print(f"{lost} SIGKILLed with a {ttl} s TTL: lease expired and route, neighbour, FDB entry gone from both "
+          f"peers {time.monotonic() - killed:.2f} s later; 0 of 2 live leases lost")
+    started = time.monotonic()
+    lab.start_daemon(lost)
+    lab.wait_converged(timeout=90)
+    assert lab.subnet(lost) == subnet
+    value = json.loads(lab.etcdctl("get", subnet_key(PREFIX, subnet), "--print-value-only").stdout)
+    assert value["PublicIP"] == str(lab.host(lost).public_ip)
+    print(f"{lost} back with the same public IP: same subnet {subnet}, routed by every host "
+          f"{time.monotonic() - started:.2f} s after its daemon started")
+    assert lab.ping("h1", subnet.network_address) is not None
+
+
+def real_peers_without(lab: Lab, host: str, lost: str) -> dict[IPv4Network, tuple[str, str]]:
+    peers = {}
+    for other in lab.hosts:
+        if other.name in (host, lost):
+            continue
+        peers[lab.subnet(other)] = (str(other.public_ip), vtep_mac(other.public_ip, 1))
+    return peers
+
+
+# ------------------------------------------------------------------------------- CNI under stress
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_100_parallel_adds_while_the_daemon_restarts(lab, tmp_path, how):
+    lab.up(hosts=1)
+    lab.wait_ready(timeout=90)
+    host = lab.host("h1")
+    plugin = Plugin(tmp_path / "bin", tmp_path / "net.d", host.run_dir)
+    config = plugin.config(name="ovl-ct-stress")
+    names = [f"ovl-{lab.name}-h1c{n}" for n in range(100)]
+    for name in names:
+        subprocess.run(["ip", "netns", "add", name], check=True)
+    done = []
+    restarted = threading.Event()
+
+    def add(n: int):
+        result = plugin.run("ADD", config, f"stress{n}", f"/run/netns/{names[n]}")
+        done.append(n)
+        return result
+
+    def restart() -> float:
+        # In the middle of the burst: once a few calls have been answered.
+        wait_for(lambda: len(done) >= 5, "the first ADDs to be answered", timeout=120)
+        lab.stop_daemon("h1", sig=how)
+        started = time.monotonic()
+        lab.start_daemon("h1")
+        restarted.set()
+        lab.wait_ready(["h1"], timeout=90)
+        return time.monotonic() - started
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(101) as pool:
+        restart_future = pool.submit(restart)
+        results = list(pool.map(add, range(100)))
+        ready_after = restart_future.result()
+    burst = time.monotonic() - started
+    codes = [0 if status == 0 else result["code"] for status, result in results]
+    ok = [(n, IPv4Interface(result["ips"][0]["address"])) for n, (status, result) in enumerate(results) if status == 0]
+    print(f"100 parallel ADDs across a {signal.Signals(how).name} restart ({burst:.1f} s, daemon ready again "
+          f"{ready_after:.2f} s after start): {len(ok)} succeeded, {codes.count(11)} code 11, "
+          f"{len(codes) - len(ok) - codes.count(11)} other")
+    assert set(codes) <= {0, 11}, [result for status, result in results if status and result["code"] != 11]
+    assert len({address for _, address in ok}) == len(ok), "an address was handed out twice"
+    subnet = lab.subnet("h1")
+    for n, address in ok:
+        assert address.network == subnet
+        held = json.loads(subprocess.run(["ip", "-n", names[n], "-j", "-4", "addr", "show", "dev", "eth0"],
+                                         capture_output=True, text=True, check=True).stdout)
+        assert [f"{a['local']}/{a['prefixlen']}" for a in held[0]["addr_info"]] == [str(address)]
+
+    # The runtime DELs every container, also those whose ADD failed; nothing may stay behind.
+    lab.wait_ready(["h1"], timeout=60)
+    with ThreadPoolExecutor(100) as pool:
+        dels = list(pool.map(lambda n: plugin.run("DEL", config, f"stress{n}", f"/run/netns/{names[n]}"), range(100)))
+    assert [status for status, _ in dels] == [0] * 100, [result for status, result in dels if status]
+    leaked = [a for a in allocations(host.run_dir) if a["network"] == "ovl-ct-stress"]
+    veths = host_veths(host.netns)
+    print(f"after 100 DELs: {len(leaked)} allocations and {len(veths)} host veths leaked")
+    assert not leaked and not veths
