@@ -5,7 +5,7 @@
     overlayctl lab status [--name lab] [--json]
     overlayctl lab restart HOST [--name lab]
     overlayctl lab down [--name lab | --all]
-    overlayctl lab demo [--name lab]          (what `make demo` runs)
+    overlayctl lab demo [--name lab] [--hosts 3] [--containers 2]   (what `make demo` runs)
 
 The commands are thin: every step is a `Lab` method, so tests and benchmarks drive the same code.
 A lab outlives the command that made it; `lab down` removes it from whatever state it is in.

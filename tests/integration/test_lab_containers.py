@@ -161,3 +161,20 @@ def test_container_names_are_checked(lab):
             lab.add_container("h1", name=bad)
     assert lab.containers == []
     assert leftovers(lab.name) and not [netns for netns in leftovers(lab.name) if "c" in netns.rsplit("-", 1)[1]]
+
+
+def test_demo_shows_containers_across_hosts_and_masquerade():
+    name = lab_name()
+    try:
+        out = overlayctl("demo", "--name", name).stdout
+        assert "9/9 pairs reachable" in out
+        assert "30/30 container pairs reachable (24/24 across hosts)" in out
+        lab = Lab.load(name)
+        first = lab.containers[0]
+        public_ip = lab.host(first.host).public_ip
+        assert (f"masquerade: ping from container {first.name} ({first.address}) to {lab.gateway}" in out)
+        assert f"with source {public_ip} (the host's public IP is {public_ip})" in out
+        assert "reply: NONE" not in out
+    finally:
+        teardown(name)
+    assert leftovers(name) == []
