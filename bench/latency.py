@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from overlay.lab import Lab
 
 from .common import Progress, bench_lab, machine, now_iso, percentile, summary, write_result
-from .paths import NetPath, all_paths
+from .paths import COMPARISONS, NetPath, all_paths, ns_exec, ns_spawn
 
 RR_BASE_PORT = 7301
 _RTT = re.compile(r"time=([0-9.]+) ms")
@@ -42,8 +42,8 @@ class LatencyOptions:
         return cls(pings=20, interval=0.01, rr_seconds=0.5, repeats=1)
 
 
-def ping_run(lab: Lab, path: NetPath, options: LatencyOptions) -> dict:
-    result = lab.exec(path.client.host, ["ping", "-n", "-i", str(options.interval), "-c", str(options.pings),
+def ping_run(path: NetPath, options: LatencyOptions) -> dict:
+    result = ns_exec(path.client.netns, ["ping", "-n", "-i", str(options.interval), "-c", str(options.pings),
                                          "-W", "1", "-I", str(path.client.address), str(path.server.address)],
                       timeout=options.pings * (options.interval + 0.05) + 30)
     rtts = [float(value) for value in _RTT.findall(result.stdout)]
@@ -57,7 +57,7 @@ def _start_rr_servers(lab: Lab, paths: list[NetPath]) -> dict[str, tuple[subproc
     servers = {}
     for offset, path in enumerate(paths):
         port = RR_BASE_PORT + offset
-        process = lab.spawn(path.server.host, [sys.executable, "-m", "bench.rr", "serve",
+        process = ns_spawn(path.server.netns, [sys.executable, "-m", "bench.rr", "serve",
                                                str(path.server.address), str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         servers[path.name] = (process, port)
@@ -68,8 +68,8 @@ def _start_rr_servers(lab: Lab, paths: list[NetPath]) -> dict[str, tuple[subproc
     return servers
 
 
-def rr_run(lab: Lab, path: NetPath, port: int, options: LatencyOptions) -> dict:
-    result = lab.exec(path.client.host, [sys.executable, "-m", "bench.rr", "client", str(path.server.address),
+def rr_run(path: NetPath, port: int, options: LatencyOptions) -> dict:
+    result = ns_exec(path.client.netns, [sys.executable, "-m", "bench.rr", "client", str(path.server.address),
                                          str(port), str(options.rr_seconds), "--bind", str(path.client.address)],
                       timeout=options.rr_seconds + 60, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -85,14 +85,12 @@ def run(results_dir, options: LatencyOptions | None = None, progress: Progress |
         progress(f"lab {lab.name}: 2 hosts, etcd, 2 daemons")
         lab.up(hosts=2)
         lab.wait_converged(timeout=120)
-        paths = all_paths(lab)
-        if not any(path.name == "container" for path in paths):
-            payload["not_measured"]["container"] = "container to container needs the CNI plugin (issue 4)"
+        paths, payload["not_measured"] = all_paths(lab)
         payload["paths"] = {path.name: {"label": path.label, "client": str(path.client.address),
                                         "server": str(path.server.address)} for path in paths}
         # One ping each way first: ARP on the underlay is resolved before anything is timed.
         for path in paths:
-            lab.ping(path.client.host, path.server.address)
+            ns_exec(path.client.netns, ["ping", "-n", "-q", "-c", "1", "-W", "2", str(path.server.address)])
         servers = _start_rr_servers(lab, paths)
         pings = {path.name: [] for path in paths}
         rrs = {path.name: [] for path in paths}
@@ -100,9 +98,9 @@ def run(results_dir, options: LatencyOptions | None = None, progress: Progress |
             for round_index in range(options.repeats):
                 shift = round_index % len(paths)
                 for path in paths[shift:] + paths[:shift]:
-                    sample = ping_run(lab, path, options)
+                    sample = ping_run(path, options)
                     pings[path.name].append(sample)
-                    rr = rr_run(lab, path, servers[path.name][1], options)
+                    rr = rr_run(path, servers[path.name][1], options)
                     rrs[path.name].append(rr)
                     progress(f"round {round_index + 1}/{options.repeats} {path.name:9} ping p50 "
                              f"{sample['p50_ms'] * 1000:6.0f} us p99 {sample['p99_ms'] * 1000:6.0f} us, "
@@ -135,11 +133,11 @@ def run(results_dir, options: LatencyOptions | None = None, progress: Progress |
         return summary([x[key] / y[key] for x, y in zip(samples[a], samples[b]) if y[key] > 0])
 
     payload["results"] = results
-    payload["ratios"] = {
-        "ping_p50_ours_to_handmade": ratio(pings, "p50_ms", "overlay", "handmade"),
-        "rr_rate_ours_to_handmade": ratio(rrs, "rate_per_s", "overlay", "handmade"),
-        "rr_rate_ours_to_underlay": ratio(rrs, "rate_per_s", "overlay", "underlay"),
-    }
+    payload["ratios"] = {}
+    for a, b in COMPARISONS:
+        if a in pings and b in pings:
+            payload["ratios"][f"ping p50 {a}/{b}"] = ratio(pings, "p50_ms", a, b)
+            payload["ratios"][f"rr rate {a}/{b}"] = ratio(rrs, "rate_per_s", a, b)
     payload["finished"] = now_iso()
     written = write_result(results_dir, "latency", payload)
     progress(f"wrote {written}")

@@ -10,9 +10,16 @@ Design notes
     handmade   a second VXLAN device made with iproute2 in the same two namespaces, another VNI
                and UDP port, programmed exactly as flannel does (learning off, MTU = ours,
                neighbour + FDB + onlink route): the kernel's VXLAN limit, which ours should meet.
-  Container to container (the CNI issue) is one more constructor, `container_path`, that returns
-  a NetPath whose endpoints are container namespaces once the plugin can place them; today it
-  returns None and the benchmarks list it as not measured.
+  And container to container, the path a user's traffic takes:
+    container           a container on each host attached through our CNI plugin by the lab
+                        (lab.add_container: bridge ovl-cni0, veth, MTU from subnet.env), across
+                        our VXLAN device
+    handmade_container  the same made by hand: a namespace per host on a bridge with a veth of
+                        the same MTU and queue count, routed across the hand-built VXLAN
+  When the lab cannot attach containers (no plugin), the container paths are left out and the
+  benchmarks say why.
+- Endpoints are namespaces: every command of a benchmark runs through ns_exec / ns_spawn with
+  the endpoint's namespace, so a host and a container are driven the same way.
 - Why two VXLAN devices in the same namespaces rather than two extra namespaces: the extra
   namespaces would hang off the same bridge with their own veths, so the comparison would also
   compare different veth pairs and netfilter state. In the same namespace, the only difference
@@ -73,9 +80,59 @@ def underlay_path(lab: Lab, a: str, b: str) -> NetPath:
     return NetPath("underlay", "underlay (eth0, no VXLAN)", end(a), end(b))
 
 
-def container_path(lab: Lab, a: str, b: str) -> NetPath | None:
-    """Container to container across a and b: needs the CNI plugin to place containers (issue 4)."""
-    return None
+def ns_exec(netns: str, argv: list[str], check: bool = False, timeout: float = 120.0,
+            input: str | None = None) -> subprocess.CompletedProcess:
+    """Run argv in a namespace (a lab host's or a container's); text output captured."""
+    result = subprocess.run(["ip", "netns", "exec", netns, *argv], input=input, capture_output=True, text=True,
+                            timeout=timeout, stdin=None if input is not None else subprocess.DEVNULL)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{netns}: `{' '.join(argv)}` failed: {(result.stderr or result.stdout).strip()}")
+    return result
+
+
+def ns_spawn(netns: str, argv: list[str], **popen_kwargs) -> subprocess.Popen:
+    popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
+    return subprocess.Popen(["ip", "netns", "exec", netns, *argv], **popen_kwargs)
+
+
+def container_path(lab: Lab, a: str, b: str) -> NetPath:
+    """A container on a and one on b, attached through our CNI plugin by the lab."""
+    ends = []
+    for host in (a, b):
+        container = lab.add_container(host)
+        ends.append(Endpoint(container.name, container.netns, container.ip.ip, "eth0"))
+    return NetPath("container", "container to container, ours (CNI + flannel.1)", ends[0], ends[1])
+
+
+def build_handmade_containers(lab: Lab, handmade: NetPath, like: NetPath) -> NetPath:
+    """A namespace per host on a bridge, routed over the hand-built VXLAN: `like`'s topology.
+
+    Host i: bridge hbbr0 with 172.30.<i>.1/24 (the hand-built device holds 172.30.<i>.0/32, and
+    each host already routes the other's 172.30.<j>.0/24 over it), a veth hbv0 into namespace
+    ovl-<lab>-<host>k whose eth0 is 172.30.<i>.2/24 with the MTU and queue count of the CNI
+    plugin's container eth0, default route via the bridge."""
+    mtu = link_json_ns(like.client.netns, "eth0")["mtu"]
+    queues = link_json_ns(like.client.netns, "eth0").get("num_tx_queues", 1)
+    ends = []
+    for end in (handmade.client, handmade.server):
+        host = lab.host(end.host)
+        netns = f"ovl-{lab.name}-{host.name}k"
+        base = end.address            # 172.30.<i>.0
+        subprocess.run(["ip", "netns", "add", netns], check=True, capture_output=True)
+        _batch(lab, host.name, [
+            "link add hbbr0 type bridge",
+            f"addr add {base + 1}/24 dev hbbr0",
+            f"link set hbbr0 mtu {mtu} up",
+            f"link add hbv0 numtxqueues {queues} numrxqueues {queues} type veth peer name eth0 "
+            f"numtxqueues {queues} numrxqueues {queues} netns {netns}",
+            f"link set hbv0 mtu {mtu} master hbbr0 up",
+        ])
+        ns_exec(netns, ["ip", "-batch", "-"], check=True, input="\n".join([
+            "link set lo up", f"link set eth0 mtu {mtu} up", f"addr add {base + 2}/24 dev eth0",
+            f"route add default via {base + 1}"]) + "\n")
+        ends.append(Endpoint(f"{host.name}k", netns, base + 2, "eth0"))
+    return NetPath("handmade_container", "container to container, hand-built (bridge + hand-built VXLAN)",
+                   ends[0], ends[1])
 
 
 def _ip(lab: Lab, host: str, *args: str, tool: str = "ip") -> subprocess.CompletedProcess:
@@ -121,17 +178,34 @@ def build_handmade(lab: Lab, a: str, b: str) -> NetPath:
     return NetPath("handmade", f"hand-built VXLAN (iproute2, VNI {HANDMADE_VNI})", end(hosts[0]), end(hosts[1]))
 
 
-def all_paths(lab: Lab, a: str = "h1", b: str = "h2") -> list[NetPath]:
-    """Every path measurable in this lab; builds the hand-made VXLAN on first use."""
-    paths = [overlay_path(lab, a, b), underlay_path(lab, a, b), build_handmade(lab, a, b)]
-    container = container_path(lab, a, b)
-    return paths + ([container] if container else [])
+def all_paths(lab: Lab, a: str = "h1", b: str = "h2") -> tuple[list[NetPath], dict[str, str]]:
+    """Every path measurable in this lab (building the hand-made ones), and {path: why not} for
+    those that are not."""
+    handmade = build_handmade(lab, a, b)
+    paths = [overlay_path(lab, a, b), handmade]
+    missing = {}
+    try:
+        container = container_path(lab, a, b)
+    except Exception as exc:    # no plugin, or it failed: measure the rest, say why
+        missing["container"] = f"the lab could not attach containers: {exc}"
+    else:
+        paths += [container, build_handmade_containers(lab, handmade, container)]
+    return paths + [underlay_path(lab, a, b)], missing
+
+
+# Pairs compared as per-round ratios (first / second), when both paths exist.
+COMPARISONS = (("overlay", "handmade"), ("container", "handmade_container"), ("overlay", "underlay"),
+               ("container", "overlay"))
 
 
 # ------------------------------------------------------------------------------- device facts
 
 def link_json(lab: Lab, host: str, device: str) -> dict:
-    return json.loads(_ip(lab, host, "-d", "-j", "link", "show", "dev", device).stdout)[0]
+    return link_json_ns(lab.host(host).netns, device)
+
+
+def link_json_ns(netns: str, device: str) -> dict:
+    return json.loads(ns_exec(netns, ["ip", "-d", "-j", "link", "show", "dev", device], check=True).stdout)[0]
 
 
 _FEATURES_SCRIPT = """
@@ -146,36 +220,35 @@ print(json.dumps(out))
 """
 
 
-def offload_features(lab: Lab, host: str, devices: list[str]) -> dict[str, dict[str, bool]]:
+def offload_features(netns: str, devices: list[str]) -> dict[str, dict[str, bool]]:
     """{device: {feature: enabled}} for the features the device can change or has on."""
-    result = lab.exec(host, [sys.executable, "-c", _FEATURES_SCRIPT, *devices])
+    result = ns_exec(netns, [sys.executable, "-c", _FEATURES_SCRIPT, *devices])
     if result.returncode != 0:
         return {device: {"error": result.stderr.strip()[-300:]} for device in devices}
     return json.loads(result.stdout)
 
 
-def device_facts(lab: Lab, path: NetPath) -> dict:
-    """MTU, VXLAN settings and offloads of the device each end of the path uses, and eth0's."""
+def device_facts(path: NetPath) -> dict:
+    """MTU, VXLAN settings and offloads of the device each end of the path uses."""
     facts = {}
     for end in (path.client, path.server):
-        link = link_json(lab, end.host, end.device)
+        link = link_json_ns(end.netns, end.device)
         info = link.get("linkinfo", {}).get("info_data", {})
         keep = {key: link.get(key) for key in ("mtu", "gso_max_size", "gso_max_segs", "gro_max_size",
                                                "tso_max_size", "txqlen", "qdisc", "num_tx_queues")}
         if info:
             keep["vxlan"] = {key: info.get(key) for key in ("id", "port", "local", "link", "learning",
                                                            "udp_csum", "ttl", "df", "ageing")}
-        features = offload_features(lab, end.host, [end.device])
+        features = offload_features(end.netns, [end.device])
         keep["offloads_on"] = sorted(k for k, v in features.get(end.device, {}).items() if v is True)
         facts[end.host] = keep
     return facts
 
 
 def setting_differences(ours: dict, handmade: dict) -> list[str]:
-    """What differs between our device and the hand-built one, setting by setting (client side)."""
+    """What differs between our device and the hand-built one, setting by setting, end by end."""
     differences = []
-    for host in ours:
-        a, b = ours[host], handmade.get(host, {})
+    for (host, a), b in zip(ours.items(), handmade.values()):
         for key in sorted(set(a) | set(b)):
             if key == "vxlan":
                 for sub in sorted(set(a.get("vxlan", {})) | set(b.get("vxlan", {}))):

@@ -20,7 +20,9 @@ from pathlib import Path
 from .common import read_results
 
 ORDER = ("throughput", "latency", "convergence", "scale", "cni")
-PATH_ORDER = ("overlay", "handmade", "underlay", "container")
+PATH_ORDER = ("container", "handmade_container", "overlay", "handmade", "underlay")
+SHORT = {"container": "containers, ours", "handmade_container": "containers, hand-built",
+         "overlay": "hosts, ours", "handmade": "hosts, hand-built", "underlay": "underlay"}
 
 
 def _num(value, digits: int = 2) -> str:
@@ -44,6 +46,16 @@ def _table(columns: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def _ratio_label(key: str) -> str:
+    a, b = key.split("/")
+    return f"{SHORT.get(a, a)} / {SHORT.get(b, b)}"
+
+
+def _first_end(path_info: dict) -> dict:
+    devices = path_info.get("devices", {})
+    return next(iter(devices.values()), {})
+
+
 def _verdict(met) -> str:
     return "not tested at that size" if met is None else ("met" if met else "NOT met")
 
@@ -59,12 +71,14 @@ def _machine_line(payload: dict) -> str:
 def throughput_section(p: dict) -> list[str]:
     opts = p.get("options", {})
     out = ["## Throughput (iperf3, Gbit/s)", "",
-           f"Host to host between two lab hosts; {opts.get('repeats')} rounds of {opts.get('seconds')} s per "
+           f"Between two lab hosts, container to container and host to host; {opts.get('repeats')} rounds of {opts.get('seconds')} s per "
            f"mode and path, paths interleaved. UDP: unlimited rate, {p.get('udp_datagram_bytes')}-byte datagrams "
            "on every path, receiver's rate. Median [p5–p95]; ratios are medians of per-round ratios.", ""]
     results = p.get("results", {})
     paths = [name for name in PATH_ORDER if name in p.get("paths", {})]
-    columns = ["mode"] + [p["paths"][name]["label"] for name in paths] + ["ours / hand-built", "ours / underlay"]
+    first = next(iter(results.values()), {})
+    ratio_keys = list(first.get("ratios", {}))
+    columns = ["mode"] + [SHORT.get(name, name) for name in paths] + [_ratio_label(k) for k in ratio_keys]
     rows = []
     for mode in ("tcp1", "tcp4", "udp"):
         if mode not in results:
@@ -72,16 +86,18 @@ def throughput_section(p: dict) -> list[str]:
         r = results[mode]
         label = {"tcp1": "TCP, 1 stream", "tcp4": "TCP, 4 streams", "udp": "UDP"}[mode]
         rows.append([label] + [cell(r["paths"][name]["gbps"]) for name in paths]
-                    + [cell(r["ratio_ours_to_handmade"], 3), cell(r["ratio_ours_to_underlay"], 3)])
+                    + [cell(r["ratios"].get(key), 3) for key in ratio_keys])
     out += _table(columns, rows)
-    overlay = p.get("paths", {}).get("overlay", {}).get("devices", {})
-    mtus = {name: info.get("devices", {}).get("h1", {}).get("mtu") for name, info in p.get("paths", {}).items()}
-    out += ["", f"MTU: {', '.join(f'{name} {mtu}' for name, mtu in mtus.items())}. "
-            f"Settings where ours and the hand-built device differ: "
-            f"{'; '.join(p.get('overlay_vs_handmade_setting_differences') or ['none'])}."]
+    out += ["", "Paths: " + "; ".join(f"**{SHORT.get(name, name)}**: {p['paths'][name]['label']}, "
+                                      f"{p['paths'][name]['client']} → {p['paths'][name]['server']}, MTU "
+                                      f"{_first_end(p['paths'][name]).get('mtu')}" for name in paths) + "."]
+    for key in ("overlay_vs_handmade_setting_differences", "container_vs_handmade_setting_differences"):
+        if key in p:
+            out += [f"Settings that differ, {key.split('_vs_')[0]} vs hand-built: "
+                    f"{'; '.join(p[key]) or 'none (MTU, VXLAN flags, offloads all equal)'}."]
+    overlay = p.get("paths", {}).get("overlay")
     if overlay:
-        offloads = overlay.get("h1", {}).get("offloads_on", [])
-        out += [f"Offloads on our device: {', '.join(offloads) or 'none'}."]
+        out += [f"Offloads on our VXLAN device: {', '.join(_first_end(overlay).get('offloads_on', [])) or 'none'}."]
     target = p.get("target", {})
     if target:
         met = ", ".join(f"{mode} {_verdict(ok)}" for mode, ok in target.get("met", {}).items())
@@ -103,14 +119,13 @@ def latency_section(p: dict) -> list[str]:
         if name not in results:
             continue
         r = results[name]
-        rows.append([p["paths"][name]["label"], cell(r["ping_p50_us"], 0), cell(r["ping_p99_us"], 0),
+        rows.append([SHORT.get(name, name), cell(r["ping_p50_us"], 0), cell(r["ping_p99_us"], 0),
                      f"{r['ping_lost']}/{r['ping_sent']}", cell(r["rr_rate_per_s"], 0), cell(r["rr_p50_us"], 1),
                      cell(r["rr_p99_us"], 1)])
     out += _table(["path", "ping p50 (µs)", "ping p99 (µs)", "lost", "TCP RR (trans/s)", "RR p50 (µs)",
                    "RR p99 (µs)"], rows)
     ratios = p.get("ratios", {})
-    out += ["", "Ratios (per round): " + "; ".join(f"{key.replace('_', ' ')} {cell(value, 3)}"
-                                                  for key, value in ratios.items()) + "."]
+    out += ["", "Ratios (per round): " + "; ".join(f"{key} {cell(value, 3)}" for key, value in ratios.items()) + "."]
     for name, why in p.get("not_measured", {}).items():
         out += [f"Not measured: {name} ({why})."]
     return out + ["", _machine_line(p), "", "![latency](latency.png)", ""]
@@ -204,7 +219,7 @@ def plot_throughput(p: dict, path: Path) -> None:
     for index, name in enumerate(paths):
         medians, err = _err([results[m]["paths"][name]["gbps"] for m in modes])
         ax.bar([i + index * width for i in range(len(modes))], medians, width, yerr=err, capsize=3,
-               label=p["paths"][name]["label"])
+               label=SHORT.get(name, name))
     ax.set_xticks([i + width * (len(paths) - 1) / 2 for i in range(len(modes))])
     ax.set_xticklabels([{"tcp1": "TCP 1 stream", "tcp4": "TCP 4 streams", "udp": "UDP"}[m] for m in modes])
     ax.set_ylabel("Gbit/s (median, p5–p95)")
@@ -219,7 +234,7 @@ def plot_latency(p: dict, path: Path) -> None:
     plt = _plt()
     results = p["results"]
     paths = [name for name in PATH_ORDER if name in results]
-    labels = [p["paths"][name]["label"].split(" (")[0] for name in paths]
+    labels = [SHORT.get(name, name).replace(", ", "\n") for name in paths]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for offset, key, label in ((-0.2, "ping_p50_us", "p50"), (0.2, "ping_p99_us", "p99")):
         medians, err = _err([results[name][key] for name in paths])
@@ -301,7 +316,12 @@ def write_report(results_dir: Path) -> Path:
              "Generated by `overlayctl bench` (or `python -m bench`) from the JSON files in this directory; "
              "do not edit by hand. Regenerate the table and plots alone with `overlayctl bench report`. "
              "Each figure is the median of repeated runs with its spread [p5–p95]; every comparison is a "
-             "ratio measured within one run.", ""]
+             "ratio measured within one run.", "",
+             "Paths: **containers, ours** = a container on each of two lab hosts attached by our CNI plugin, "
+             "across our VXLAN device; **containers, hand-built** = the same topology (bridge, veth, same MTU) "
+             "made with iproute2 across a VXLAN device made with iproute2 (the kernel's limit); **hosts, ours** "
+             "/ **hosts, hand-built** = the host namespaces' own addresses on those two VXLAN devices; "
+             "**underlay** = host to host without VXLAN.", ""]
     names = [name for name in ORDER if name in results] + sorted(set(results) - set(ORDER))
     if not names:
         lines += ["No results yet: run `overlayctl bench all`.", ""]

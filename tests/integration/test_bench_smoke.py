@@ -50,26 +50,31 @@ def load(results, name: str) -> dict:
 
 def test_throughput_smoke(smoke_results):
     payload = load(smoke_results, "throughput")
-    assert set(payload["paths"]) >= {"overlay", "underlay", "handmade"}
+    paths = set(payload["paths"])
+    assert paths >= {"overlay", "underlay", "handmade"}
+    # Container paths come in pairs (ours and hand-built), or are named as not measured.
+    assert {"container", "handmade_container"} <= paths or "container" in payload["not_measured"]
     assert payload["paths"]["overlay"]["devices"]["h1"]["mtu"] == payload["paths"]["handmade"]["devices"]["h1"]["mtu"]
     assert "offloads_on" in payload["paths"]["overlay"]["devices"]["h1"]
     for mode in ("tcp1", "tcp4", "udp"):
         result = payload["results"][mode]
-        for path in ("overlay", "underlay", "handmade"):
+        for path in paths:
             assert _stat_ok(result["paths"][path]["gbps"], n=1)
             assert result["paths"][path]["gbps"]["median"] > 0
-        assert _stat_ok(result["ratio_ours_to_handmade"])
+        assert _stat_ok(result["ratios"]["overlay/handmade"])
+        if "container" in paths:
+            assert _stat_ok(result["ratios"]["container/handmade_container"])
     assert (smoke_results / "throughput.png").stat().st_size > 0
 
 
 def test_latency_smoke(smoke_results):
     payload = load(smoke_results, "latency")
-    for path in ("overlay", "underlay", "handmade"):
+    for path in payload["paths"]:
         result = payload["results"][path]
         assert _stat_ok(result["ping_p50_us"]) and _stat_ok(result["ping_p99_us"])
         assert _stat_ok(result["rr_rate_per_s"]) and result["rr_rate_per_s"]["median"] > 0
         assert result["ping_sent"] > 0
-    assert _stat_ok(payload["ratios"]["rr_rate_ours_to_handmade"])
+    assert _stat_ok(payload["ratios"]["rr rate overlay/handmade"])
     assert (smoke_results / "latency.png").stat().st_size > 0
 
 
@@ -78,7 +83,9 @@ def test_convergence_smoke(smoke_results):
     size = payload["sizes"]["2"]
     assert _stat_ok(size["converged_all_ms"]) and _stat_ok(size["ready_s"]) and _stat_ok(size["removed_all_ms"])
     join = size["joins"][0]
-    assert join["converged_all_s"] >= join["earliest_object_s"] >= 0
+    # Not >= 0: the etcd stamp is our own watcher's, which can hear of the lease a little after
+    # the daemons did (see bench.convergence).
+    assert join["converged_all_s"] >= join["earliest_object_s"]
     assert payload["target"]["met"] is None       # not run at 50 hosts
     assert (smoke_results / "convergence.png").stat().st_size > 0
 
