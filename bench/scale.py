@@ -22,7 +22,9 @@ Design notes
     idle CPU         (utime + stime) ticks over a quiet window, split into sub-windows: percent
                      of one CPU. The window is an option (60 s in full runs, short in smoke).
     where time goes  /metrics before and after a live programming run: reconcile runs and the
-                     seconds spent in them; the rest is receiving and decoding watch events.
+                     seconds spent in them; the rest is receiving and decoding watch events. And
+                     the parts of one reconcile (desired_state, Kernel.read_state, plan), the
+                     daemon's own functions timed in-process on the same kernel state.
 - Floor: `ip -batch` (neighbours, routes) and `bridge -batch` (FDB) programming the same peers
   on an identical VXLAN device in a second lab host, same run: what the kernel needs when the
   encoding costs nothing.
@@ -222,6 +224,44 @@ def ip_batch_floor(lab: Lab, host: LabHost, size: int, repeats: int, mtu: int) -
     return {"seconds": summary(runs, digits=4), "routes_programmed": out.count("\n"), "our_routes_there": counted}
 
 
+def reconcile_breakdown(lab: Lab, host: LabHost, size: int, repeats: int = 5) -> dict:
+    """Where one reconcile's time goes at this size: the daemon's own pure functions and its
+    netlink reader, timed here in-process against the host's programmed kernel (read-only).
+
+    A reconcile is desired_state() + Kernel.read_state() + plan() (+ apply of what changed, a
+    few objects for one change). Timed here on the same kernel state, these show which part
+    grows with the number of peers."""
+    from overlay.config import parse_config
+    from overlay.dataplane import Underlay, desired_state, plan, vtep_mac
+    from overlay.kernel import Kernel
+    from overlay.lease import Lease, LeaseAttrs
+
+    config = parse_config(lab.state["network_config"])
+    vni = config.backend.vni
+    own_subnet = lab.subnet(host)
+    own = Lease(own_subnet, LeaseAttrs(host.public_ip, vni, vtep_mac(host.public_ip, vni)), 1, 1)
+    peers = [Lease(p.subnet, LeaseAttrs(p.public_ip, vni, p.mac), 0, 2 + i) for i, p in enumerate(fake_peers(0, size))]
+    underlay = Underlay("eth0", host.public_ip, 1500)
+    timings: dict[str, list[float]] = {"desired_state_ms": [], "read_state_ms": [], "plan_ms": []}
+    left = 0
+    with Kernel(host.netns) as kernel:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            desired = desired_state(own, peers, config, underlay)
+            t1 = time.perf_counter()
+            actual = kernel.read_state(desired.device.name)
+            t2 = time.perf_counter()
+            changes = plan(desired, actual)
+            t3 = time.perf_counter()
+            timings["desired_state_ms"].append((t1 - t0) * 1000)
+            timings["read_state_ms"].append((t2 - t1) * 1000)
+            timings["plan_ms"].append((t3 - t2) * 1000)
+            left = len(changes.describe())
+    out = {key: summary(values, digits=2) for key, values in timings.items()}
+    out["plan_changes_left"] = left    # 0: the kernel matched what the daemon wants
+    return out
+
+
 # ------------------------------------------------------------------------------- the benchmark
 
 def run(results_dir, options: ScaleOptions | None = None, progress: Progress | None = None) -> dict:
@@ -274,6 +314,11 @@ def run(results_dir, options: ScaleOptions | None = None, progress: Progress | N
                          f"(p99 {entry['one_change_add_ms'].get('p99', 0):.1f}), daemon's reconcile "
                          f"{entry['one_change_add_reconcile_ms'].get('median', 0):.1f} ms")
 
+                entry["reconcile_breakdown"] = reconcile_breakdown(lab, host, size)
+                progress(f"{size} peers: one reconcile = desired_state "
+                         f"{entry['reconcile_breakdown']['desired_state_ms'].get('median', 0):.1f} ms + read_state "
+                         f"{entry['reconcile_breakdown']['read_state_ms'].get('median', 0):.1f} ms + plan "
+                         f"{entry['reconcile_breakdown']['plan_ms'].get('median', 0):.1f} ms (timed in-process)")
                 pid = lab.daemon_pid(host)
                 entry["rss_mb_live"] = proc_status(pid)
                 progress(f"{size} peers: idle CPU over {options.idle_seconds:.0f} s")
