@@ -494,6 +494,39 @@ def test_a_lost_host_expires_everywhere_and_returns_to_its_old_subnet(lab):
     assert lab.ping("h1", subnet.network_address) is not None
 
 
+def test_a_host_cut_off_from_etcd_past_its_ttl_reclaims_its_subnet_in_place(lab):
+    ttl = 3
+    lab.up(hosts=3, subnet_lease_ttl=ttl)
+    lab.wait_converged(timeout=90)
+    cut, subnet, pid = "h3", lab.subnet("h3"), lab.daemon_pid("h3")
+    # A partition between h3 and etcd only (the overlay between hosts still works): every packet
+    # to or from etcd's client port is dropped, so requests time out rather than being refused.
+    rules = [["OUTPUT", "-p", "tcp", "--dport", "2379", "-j", "DROP"],
+             ["INPUT", "-p", "tcp", "--sport", "2379", "-j", "DROP"]]
+    for rule in rules:
+        lab.exec(cut, ["iptables", "-w", "5", "-I", *rule], check=True)
+    started = time.monotonic()
+    try:
+        wait_for(lambda: subnet_key(PREFIX, subnet) not in leases(lab)
+                 and all(Vxlan.read(lab, host).matches(real_peers_without(lab, host, cut)) for host in ("h1", "h2")),
+                 f"{cut}'s lease to expire and leave h1 and h2", timeout=90)
+        expired = time.monotonic() - started
+        wait_for(lambda: readyz(lab, cut) == 503, f"{cut} to report not ready while cut off", timeout=60)
+    finally:
+        for rule in rules:
+            lab.exec(cut, ["iptables", "-w", "5", "-D", *rule])
+    healed = time.monotonic()
+    wait_for(lambda: subnet_key(PREFIX, subnet) in leases(lab), f"{cut} to claim {subnet} again", timeout=90)
+    lab.wait_converged(timeout=90)
+    print(f"{cut} cut off from etcd with a {ttl} s TTL: lease expired and left both peers {expired:.2f} s after "
+          f"the cut; {time.monotonic() - healed:.2f} s after the heal it holds {subnet} again, routed everywhere")
+    assert lab.daemon_pid(cut) == pid, "re-acquired in place, not by exiting"
+    assert lab.subnet(cut) == subnet
+    for host in ("h1", "h2"):
+        assert Vxlan.read(lab, host).matches(real_peers(lab, exclude=host))
+    assert lab.ping("h1", subnet.network_address) is not None
+
+
 def real_peers_without(lab: Lab, host: str, lost: str) -> dict[IPv4Network, tuple[str, str]]:
     peers = {}
     for other in lab.hosts:
