@@ -37,7 +37,7 @@ from pathlib import Path
 
 from . import firewall, sdnotify
 from .config import NetworkConfig, parse_config
-from .dataplane import DataplaneState, Underlay, desired_state, plan, vtep_mac
+from .dataplane import DataplaneState, Underlay, desired_state, plan, vtep_mac, vxlan_sources
 from .errors import ConfigError, LeaseLost, LeaseParseError, OverlayError, StoreUnavailable, SubnetsExhausted, WatchCompacted
 from .etcd import EtcdSettings, EtcdStore, LeaseEvent
 from .health import DaemonStatus, serve_health
@@ -65,6 +65,7 @@ class DaemonSettings:
     lease_ttl: int = DEFAULT_LEASE_TTL
     resync_interval: float = 10.0      # the longest a drifted kernel object stays wrong
     cni_service: bool = True           # serve the CNI plugin on <run-dir>/cni.sock
+    vxlan_source_filter: bool = True   # accept VXLAN only from current peers' public IPs
 
 
 class Daemon:
@@ -83,6 +84,7 @@ class Daemon:
         self.lease_lost = asyncio.Event()
         self.stopping = asyncio.Event()
         self._last_logged_peers: int | None = None
+        self._vxlan_filter_removed = False
         self.cni = None                   # the CNI service, once the data plane is ready
         # Every kernel call runs on this one thread: pyroute2's synchronous API drives an event
         # loop of its own and refuses to run inside ours, and one thread keeps the calls in order.
@@ -326,6 +328,8 @@ class Daemon:
             elif not await self._in_netlink_thread(self._host_settings_present):
                 log.info("ip forwarding off or firewall rules changed: restoring them")
                 await self._in_netlink_thread(self._apply_host_settings)
+            await self._in_netlink_thread(self._sync_vxlan_filter,
+                                          vxlan_sources(self.own, self.peers.values(), self.config))
             self.status.in_sync = True
         except OverlayError as exc:
             self.status.in_sync = False
@@ -349,6 +353,19 @@ class Daemon:
     def _apply_host_settings(self) -> None:
         self.kernel.set_ip_forward(True)
         firewall.apply_rules(self.config.network, self.settings.ip_masq)
+
+    def _sync_vxlan_filter(self, sources: frozenset[IPv4Address]) -> None:
+        """Drop VXLAN from anyone but the current peers (after the routes, so a new peer's
+        traffic is accepted in the same reconcile that makes it reachable)."""
+        if not self.settings.vxlan_source_filter:
+            if not self._vxlan_filter_removed:
+                firewall.remove_vxlan_filter()   # switched off: a filter left by an earlier run goes
+                self._vxlan_filter_removed = True
+            return
+        done = firewall.sync_vxlan_filter(self.config.backend.port, sources)
+        if done:
+            log.info("VXLAN accepted from %d peer address(es) (%s rewritten)", len(sources),
+                     "set" if done == "elements" else "filter table")
 
     def _programmed_peers(self) -> list[Lease]:
         return list(self.peers.values())
@@ -525,6 +542,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="longest time between full reconciles, jittered (max 10) [OVERLAY_RESYNC_INTERVAL]")
     parser.add_argument("--no-cni-service", action="store_true", default=_env_flag("OVERLAY_NO_CNI_SERVICE"),
                         help="do not serve the CNI plugin from this process [OVERLAY_NO_CNI_SERVICE]")
+    parser.add_argument("--no-vxlan-source-filter", action="store_true",
+                        default=_env_flag("OVERLAY_NO_VXLAN_SOURCE_FILTER"),
+                        help="accept VXLAN from any address, not only from current peers' public IPs "
+                             "(for peers whose VXLAN source is not the public IP of their lease) "
+                             "[OVERLAY_NO_VXLAN_SOURCE_FILTER]")
     parser.add_argument("--log-level", default=env("OVERLAY_LOG_LEVEL", "info"), help="[OVERLAY_LOG_LEVEL]")
     return parser
 
@@ -546,7 +568,7 @@ def settings_from_args(args: argparse.Namespace) -> DaemonSettings:
         etcd=etcd, iface=args.iface, public_ip=public_ip, run_dir=Path(args.run_dir),
         ip_masq=args.ip_masq, healthz_ip=args.healthz_ip, healthz_port=args.healthz_port,
         lease_ttl=args.subnet_lease_ttl, resync_interval=args.resync_interval,
-        cni_service=not args.no_cni_service)
+        cni_service=not args.no_cni_service, vxlan_source_filter=not args.no_vxlan_source_filter)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -125,6 +125,15 @@ def desired_state(own: Lease, peers: Iterable[Lease], config: NetworkConfig,
     return DataplaneState(device, frozenset(neighbours), frozenset(fdb), frozenset(routes))
 
 
+def vxlan_sources(own: Lease, peers: Iterable[Lease], config: NetworkConfig) -> frozenset[IPv4Address]:
+    """The public IPs VXLAN may come from: every current peer's (overlay.firewall drops the rest).
+
+    Peers reached by a direct route are included too: they may still see us over VXLAN (their
+    view of the underlay can differ from ours), and their address is a peer's all the same.
+    flannel hosts sharing the etcd hold leases like ours, so they are in this set as well."""
+    return frozenset(peer.attrs.public_ip for peer in peers if _is_peer(peer, own, config))
+
+
 def _is_peer(peer: Lease, own: Lease, config: NetworkConfig) -> bool:
     return (peer.subnet != own.subnet
             and peer.attrs.public_ip != own.attrs.public_ip  # our own older lease, not a peer

@@ -12,7 +12,7 @@ import pytest
 
 from overlay.config import parse_config
 from overlay.dataplane import (VXLAN_OVERHEAD, DataplaneState, FdbEntry, Neighbour, Route, Underlay,
-                               desired_device, desired_state, plan, vtep_mac)
+                               desired_device, desired_state, plan, vtep_mac, vxlan_sources)
 from overlay.lease import Lease, LeaseAttrs
 
 CONFIG = parse_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}')
@@ -177,3 +177,15 @@ def test_settings_the_kernel_can_change_are_updated_in_place(change):
     assert changes.update_device == want.device
     assert changes.create_device is None
     assert not changes.replace_routes, "peers stay programmed on an updated device"
+
+
+# --- the VXLAN source filter's allowed set --------------------------------------------------------
+
+def test_vxlan_sources_are_the_peers_public_ips():
+    own_older = lease("10.244.9.0/24", "198.18.0.11")           # our own old lease: not a peer
+    other_vni = lease("10.244.4.0/24", "198.18.0.14", vni=2)    # another overlay on this etcd
+    outside = lease("10.9.1.0/24", "198.18.0.15")               # not in our network
+    assert vxlan_sources(OWN, [OWN, PEER_A, PEER_B, own_older, other_vni, outside], CONFIG) == {
+        IPv4Address("198.18.0.12"), IPv4Address("198.18.0.13")}
+    assert vxlan_sources(OWN, [PEER_A], CONFIG) == {IPv4Address("198.18.0.12")}   # B left
+    assert vxlan_sources(OWN, [], CONFIG) == frozenset()
