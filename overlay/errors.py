@@ -52,3 +52,7 @@ class StoreError(OverlayError):
 
 class LeaseLost(OverlayError):
     """Our etcd lease expired or our subnet key is now bound to another lease: claim again."""
+
+
+class ClaimParseError(OverlayError, ValueError):
+    """An address claim key or value in etcd that is not in our format."""

@@ -1,0 +1,104 @@
+"""Moved workload addresses as pure data: which /32 routes follow the claims, and which
+addresses a host must not hand out.
+
+A claim (overlay.claims) says "host C holds address A now". Every host other than C programs
+
+    route  A/32 via <C's subnet network address>, onlink, dev <vxlan device>
+
+which is the route it already has to C's subnet, narrowed to one address: it goes through the
+neighbour and FDB entry of C that exist anyway, so a claim adds one route and nothing else, and
+it is taken (or dropped) exactly when C's subnet route is (a claim of a host we do not route to
+is not followed). With DirectRouting the route to C goes over the underlay, and so does the /32.
+
+The origin host, whose subnet holds A, follows the same rule, and that is what moves A away from
+its bridge: the /32 beats the bridge's connected /24 by longest prefix. Its own containers, which
+see A as on-link in their /24, ARP for it on the bridge; the bridge answers for addresses it
+routes elsewhere (proxy ARP, set by the CNI service), so their packets go up to the host and on
+to C. The origin's allocator keeps A out of its pool while the claim exists (`reserved_in`).
+
+On C itself nothing comes from here: the CNI service routes A/32 to the container's veth when it
+attaches it. That route lives and dies with the veth (the kernel removes a device's routes with
+it), so a DEL, a crashed ADD or a GC can never leave it pointing at nothing, and the container is
+reachable from its host the moment ADD returns, not one reconcile later. The daemon owns the
+routes over the VXLAN device, the CNI service those over container veths.
+
+`placement()` is the CNI service's decision for a requested address: from this host's pool, or
+to be claimed from elsewhere in the overlay network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from enum import Enum
+from ipaddress import IPv4Address, IPv4Network
+from typing import Iterable
+
+from .claims import Claim
+from .dataplane import DataplaneState, Route
+from .lease import Lease
+
+
+def is_own_claim(claim: Claim, own: Lease) -> bool:
+    return claim.attrs.public_ip == own.attrs.public_ip and claim.attrs.subnet == own.subnet
+
+
+def moved_routes(routes: Iterable[Route], own: Lease, peers: Iterable[Lease],
+                 claims: Iterable[Claim]) -> frozenset[Route]:
+    """The /32 routes for addresses claimed by other hosts, derived from the subnet routes."""
+    route_to = {route.dst: route for route in routes}
+    holder = {peer.subnet: peer for peer in peers}
+    wanted = set()
+    for claim in claims:
+        if is_own_claim(claim, own):
+            continue
+        subnet = claim.attrs.subnet
+        peer = holder.get(subnet)
+        via = route_to.get(subnet)
+        if peer is None or via is None or peer.attrs.public_ip != claim.attrs.public_ip:
+            continue  # a claimant we do not route to (gone, not a peer, or a stale claim)
+        if claim.address in subnet:
+            continue  # already reached through the claimant's subnet route
+        wanted.add(replace(via, dst=IPv4Network((claim.address, 32))))
+    return frozenset(wanted)
+
+
+def with_moved_addresses(base: DataplaneState, own: Lease, peers: Iterable[Lease],
+                         claims: Iterable[Claim]) -> DataplaneState:
+    """`base` (the subnet data plane from desired_state) plus a /32 route per followed claim."""
+    extra = moved_routes(base.routes, own, peers, claims)
+    if not extra:
+        return base
+    return replace(base, routes=base.routes | extra)
+
+
+def reserved_in(pool: IPv4Network, claims: Iterable[Claim]) -> frozenset[IPv4Address]:
+    """Addresses of `pool` that are claimed (by any host): never to be allocated from it."""
+    return frozenset(claim.address for claim in claims if claim.address in pool)
+
+
+class Placement(Enum):
+    LOCAL = "local"      # from this host's own subnet: allocate it here
+    MOVED_IN = "moved"   # from elsewhere in the overlay network: claim it
+
+
+class UnusableAddress(ValueError):
+    """A requested address that no container may have; the message says why."""
+
+
+def placement(address: IPv4Address, own_subnet: IPv4Network, network: IPv4Network) -> Placement:
+    """Where a requested address comes from; UnusableAddress when no container may have it.
+
+    Every subnet's network address is a VTEP's, its first address a bridge's, its last the
+    broadcast: none of these can belong to a container, whichever host's subnet it is in.
+    """
+    if address not in network:
+        raise UnusableAddress(f"{address} is outside the overlay network {network}")
+    if address in own_subnet:
+        if address in (own_subnet.network_address, own_subnet.network_address + 1, own_subnet.broadcast_address):
+            raise UnusableAddress(f"{address} is the VTEP, gateway or broadcast address of this host's "
+                                  f"subnet {own_subnet}")
+        return Placement.LOCAL
+    home = IPv4Network((address, own_subnet.prefixlen), strict=False)
+    if address in (home.network_address, home.network_address + 1, home.broadcast_address):
+        raise UnusableAddress(f"{address} is the VTEP, gateway or broadcast address of subnet {home}")
+    return Placement.MOVED_IN
