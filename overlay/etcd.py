@@ -40,6 +40,10 @@ Design notes
   (etcd's default --grpc-keepalive-min-time is 5 s and more frequent pings are answered with
   GOAWAY). Progress responses are used for liveness only, never as a resume point: etcd before
   3.4.25 may report a progress revision ahead of events not yet sent (etcd issue 15220).
+- Address claims (overlay.claims) use the same machinery under `<prefix>/claims/`: listed and
+  watched like leases, on a watch stream of their own; created with create-if-absent bound to the
+  claimant's subnet lease; withdrawn with a compare on the value we wrote, so only our own claim
+  is ever deleted. A retried claim that finds our own value on our own lease knows it landed.
 - Leases listed or watched that are not in flannel's format are skipped with a warning (a
   foreign writer must not crash us); a valid subnet key whose value no longer parses is reported
   as a deletion, so a watch agrees with what a re-list would return.
@@ -61,7 +65,9 @@ import grpc
 import grpc.aio
 from aetcd.rpc import kv_pb2, rpc_pb2, rpc_pb2_grpc
 
-from .errors import ConfigError, LeaseLost, LeaseParseError, StoreError, StoreUnavailable, WatchCompacted
+from .claims import Claim, ClaimAttrs, claim_key, claims_prefix, parse_claim_key, parse_claim_value
+from .errors import (ClaimParseError, ConfigError, LeaseLost, LeaseParseError, StoreError, StoreUnavailable,
+                     WatchCompacted)
 from .lease import (DEFAULT_PREFIX, Lease, LeaseAttrs, config_key, parse_lease_value, parse_subnet_key,
                     subnet_key, subnets_prefix)
 
@@ -99,7 +105,10 @@ _HOSTNAME = re.compile(r"(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0
 _PREFIX = re.compile(r"/[\x21-\x7e]*")  # printable ASCII without spaces: a key prefix, not prose
 # Broken connections that gRPC reports with codes other than UNAVAILABLE.
 _BROKEN_CONNECTION = ("stream removed", "rst_stream", "goaway", "socket closed", "connection reset",
-                      "broken pipe", "too many requests")
+                      "broken pipe", "too many requests",
+                      # gRPC's C core, when a member shuts down under an open stream (seen on
+                      # an etcd restart while a watch was open): the stream ends with no status.
+                      "internal error from core")
 # What gRPC says when TLS fails. A server that refuses our (missing) client certificate shows up
 # only as "Unwrap failed (TSI_DATA_CORRUPTED)": TLS 1.3 finishes the client's side of the handshake
 # before the server's verdict arrives.
@@ -257,6 +266,43 @@ def lease_event(event: kv_pb2.Event, prefix: str) -> LeaseEvent | None:
     return LeaseEvent(subnet, Lease(subnet, attrs, event.kv.lease, revision), revision)
 
 
+@dataclass(frozen=True)
+class ClaimEvent:
+    """A change to one address claim: `claim` is None when it was withdrawn, expired with its
+    holder's lease, or is unreadable."""
+    address: object   # IPv4Address
+    claim: Claim | None
+    revision: int
+
+
+def claim_event(event: kv_pb2.Event, prefix: str) -> ClaimEvent | None:
+    """A watch event under `<prefix>/claims/` as a ClaimEvent; None (logged) for a foreign key."""
+    revision = event.kv.mod_revision
+    try:
+        address = parse_claim_key(event.kv.key.decode(), prefix)
+    except (UnicodeDecodeError, ClaimParseError) as exc:
+        log.warning("ignoring etcd key %r at revision %d: %s", event.kv.key, revision, exc)
+        return None
+    if event.type == kv_pb2.Event.DELETE:
+        return ClaimEvent(address, None, revision)
+    try:
+        attrs = parse_claim_value(event.kv.value)
+    except ClaimParseError as exc:
+        log.warning("claim of %s at revision %d is unreadable, treating it as gone: %s", address, revision, exc)
+        return ClaimEvent(address, None, revision)
+    return ClaimEvent(address, Claim(address, attrs, event.kv.lease, revision), revision)
+
+
+def _claim_from_kv(kv: kv_pb2.KeyValue, prefix: str) -> Claim | None:
+    try:
+        address = parse_claim_key(kv.key.decode(), prefix)
+        attrs = parse_claim_value(kv.value)
+    except (UnicodeDecodeError, ClaimParseError) as exc:
+        log.warning("skipping etcd key %r: %s", kv.key, exc)
+        return None
+    return Claim(address, attrs, kv.lease, kv.mod_revision)
+
+
 def _prefix_end(prefix: bytes) -> bytes:
     """The range_end that makes a range request cover every key starting with prefix."""
     end = bytearray(prefix)
@@ -377,6 +423,7 @@ class EtcdStore:
         self._prefix = settings.prefix
         self._config_key = config_key(settings.prefix).encode()
         self._subnets = subnets_prefix(settings.prefix).encode()
+        self._claims = claims_prefix(settings.prefix).encode()
 
     @property
     def endpoint(self) -> str:
@@ -402,34 +449,38 @@ class EtcdStore:
 
     async def list_leases(self) -> tuple[list[Lease], int]:
         """Every readable lease and the revision they were read at (watch from revision + 1)."""
-        async def attempt(conn: _Connection, timeout: float) -> tuple[list[Lease], int]:
+        return await self._list("list the subnet leases", self._subnets, self._parse_kv)
+
+    async def _list(self, what: str, prefix: bytes, parse: Callable[[kv_pb2.KeyValue], T | None]) -> tuple[list[T], int]:
+        async def attempt(conn: _Connection, timeout: float) -> tuple[list[T], int]:
             for _ in range(3):
                 try:
-                    return await self._list_pages(conn, timeout)
+                    return await self._list_pages(conn, timeout, prefix, parse)
                 except grpc.aio.AioRpcError as exc:
                     # The revision pinned for the later pages was compacted meanwhile: start over.
                     if exc.code() != grpc.StatusCode.OUT_OF_RANGE:
                         raise
-            return await self._list_pages(conn, timeout)
-        return await self._request("list the subnet leases", attempt)
+            return await self._list_pages(conn, timeout, prefix, parse)
+        return await self._request(what, attempt)
 
-    async def _list_pages(self, conn: _Connection, timeout: float) -> tuple[list[Lease], int]:
+    async def _list_pages(self, conn: _Connection, timeout: float, prefix: bytes,
+                          parse: Callable[[kv_pb2.KeyValue], T | None]) -> tuple[list[T], int]:
         # Pages of LIST_PAGE_SIZE keys, all read at the first page's revision: one consistent
         # snapshot without one huge message.
-        leases: list[Lease] = []
+        items: list[T] = []
         revision = 0
-        start, end = self._subnets, _prefix_end(self._subnets)
+        start, end = prefix, _prefix_end(prefix)
         while True:
             response = await conn.kv.Range(
                 rpc_pb2.RangeRequest(key=start, range_end=end, limit=LIST_PAGE_SIZE, revision=revision),
                 timeout=timeout, metadata=REQUIRE_LEADER)
             revision = revision or response.header.revision
             for kv in response.kvs:
-                lease = self._parse_kv(kv)
-                if lease is not None:
-                    leases.append(lease)
+                item = parse(kv)
+                if item is not None:
+                    items.append(item)
             if not response.more or not response.kvs:
-                return leases, revision
+                return items, revision
             start = response.kvs[-1].key + b"\x00"
 
     def _parse_kv(self, kv: kv_pb2.KeyValue) -> Lease | None:
@@ -514,6 +565,68 @@ class EtcdStore:
             return response.TTL
         return await self._request(f"renew etcd lease {lease_id:x}", attempt)
 
+    # ---------------------------------------------------------------- address claims
+
+    async def list_claims(self) -> tuple[list[Claim], int]:
+        """Every readable address claim and the revision they were read at."""
+        return await self._list("list the address claims", self._claims,
+                                lambda kv: _claim_from_kv(kv, self._prefix))
+
+    async def get_claim(self, address) -> Claim | None:
+        """The claim on one address as etcd holds it now (a linearizable read), or None."""
+        key = claim_key(self._prefix, address).encode()
+
+        async def attempt(conn: _Connection, timeout: float) -> Claim | None:
+            response = await conn.kv.Range(rpc_pb2.RangeRequest(key=key), timeout=timeout, metadata=REQUIRE_LEADER)
+            return _claim_from_kv(response.kvs[0], self._prefix) if response.kvs else None
+        return await self._request(f"read the claim on {address}", attempt)
+
+    async def claim_address(self, address, attrs: ClaimAttrs, lease_id: int) -> tuple[bool, Claim | None]:
+        """Claim address for attrs, bound to lease_id (the claimant's subnet lease).
+
+        Txn If(version==0) Then(put) Else(range): (True, our claim) when created, or when it is
+        already ours (same value, same lease: a repeated ADD, or a retried attempt that landed);
+        else (False, the holder's claim; None if unreadable). LeaseLost when lease_id is gone.
+        """
+        key = claim_key(self._prefix, address).encode()
+        value = attrs.to_json().encode()
+        txn = rpc_pb2.TxnRequest(
+            compare=[rpc_pb2.Compare(key=key, target=rpc_pb2.Compare.VERSION, result=rpc_pb2.Compare.EQUAL,
+                                     version=0)],
+            success=[rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, value=value, lease=lease_id))],
+            failure=[rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=key))])
+
+        async def attempt(conn: _Connection, timeout: float) -> tuple[bool, Claim | None]:
+            response = await conn.kv.Txn(txn, timeout=timeout, metadata=REQUIRE_LEADER)
+            if response.succeeded:
+                return True, Claim(address, attrs, lease_id, response.header.revision)
+            kvs = response.responses[0].response_range.kvs
+            if not kvs:
+                return False, None   # deleted between the compare and the range: cannot happen in one txn
+            holder = _claim_from_kv(kvs[0], self._prefix)
+            if kvs[0].lease == lease_id and kvs[0].value == value:
+                return True, holder
+            return False, holder
+        return await self._request(f"claim {address}", attempt)
+
+    async def release_claim(self, address, attrs: ClaimAttrs) -> bool:
+        """Withdraw our claim: Txn If(value==ours) Then(delete). True when it was ours and is
+        gone now or already was; False when another claim (another host or container) holds it,
+        which is then left alone."""
+        key = claim_key(self._prefix, address).encode()
+        value = attrs.to_json().encode()
+        txn = rpc_pb2.TxnRequest(
+            compare=[rpc_pb2.Compare(key=key, target=rpc_pb2.Compare.VALUE, result=rpc_pb2.Compare.EQUAL,
+                                     value=value)],
+            success=[rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=key))],
+            failure=[rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=key, count_only=True))])
+
+        async def attempt(conn: _Connection, timeout: float) -> bool:
+            response = await conn.kv.Txn(txn, timeout=timeout, metadata=REQUIRE_LEADER)
+            # A compare on an absent key fails: then the claim is gone, which is what we want.
+            return response.succeeded or response.responses[0].response_range.count == 0
+        return await self._request(f"withdraw the claim on {address}", attempt)
+
     # ---------------------------------------------------------------- generic keys
 
     async def create_if_absent(self, key: str, value: bytes | str, lease_id: int) -> bool:
@@ -550,26 +663,39 @@ class EtcdStore:
         no endpoint takes the watch within the request budget, WatchCompacted when the revision
         to watch from is compacted.
         """
+        async for event in self._watch("the subnet leases", self._subnets, start_revision,
+                                       lambda event: lease_event(event, self._prefix)):
+            yield event
+
+    async def watch_claims(self, start_revision: int) -> AsyncIterator[ClaimEvent]:
+        """Every change under `<prefix>/claims/` from start_revision on, as watch_leases."""
+        async for event in self._watch("the address claims", self._claims, start_revision,
+                                       lambda event: claim_event(event, self._prefix)):
+            yield event
+
+    async def _watch(self, what: str, prefix: bytes, start_revision: int,
+                     convert: Callable[[kv_pb2.Event], T | None]) -> AsyncIterator[T]:
         if start_revision < 1:
             raise ValueError(f"a watch starts at revision 1 or later, not {start_revision}")
         next_revision = start_revision
         quick_breaks = 0   # streams in a row that broke before answering anything
         while True:
             stream = await self._request(
-                f"watch the subnet leases from revision {next_revision}",
-                lambda conn, timeout: self._open_watch(conn, next_revision, timeout))
+                f"watch {what} from revision {next_revision}",
+                lambda conn, timeout: self._open_watch(conn, prefix, next_revision, timeout))
             try:
                 while True:
                     try:
                         response = await stream.next_response()
                     except _StreamBroken as exc:
-                        log.warning("etcd watch broke (%s); resuming from revision %d", exc, next_revision)
+                        log.warning("etcd watch of %s broke (%s); resuming from revision %d", what, exc,
+                                    next_revision)
                         break
                     for event in response.events:
                         # A response holds whole revisions (no fragmenting asked for), so once it
                         # is read, resuming from the last revision seen + 1 repeats and skips nothing.
                         next_revision = event.kv.mod_revision + 1
-                        converted = lease_event(event, self._prefix)
+                        converted = convert(event)
                         if converted is not None:
                             yield converted
             finally:
@@ -583,10 +709,9 @@ class EtcdStore:
             if quick_breaks > len(self._endpoints):
                 await asyncio.sleep(0.2 * quick_breaks)
 
-    async def _open_watch(self, conn: _Connection, revision: int, timeout: float) -> _WatchStream:
+    async def _open_watch(self, conn: _Connection, prefix: bytes, revision: int, timeout: float) -> _WatchStream:
         stream = _WatchStream(conn, self.progress_interval, self.stale_after)
-        request = rpc_pb2.WatchCreateRequest(key=self._subnets, range_end=_prefix_end(self._subnets),
-                                             start_revision=revision)
+        request = rpc_pb2.WatchCreateRequest(key=prefix, range_end=_prefix_end(prefix), start_revision=revision)
         try:
             await stream.create(request, timeout)
         except asyncio.TimeoutError:

@@ -137,6 +137,7 @@ def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", True),
     (grpc.StatusCode.UNKNOWN, "Stream removed", True),
     (grpc.StatusCode.INTERNAL, "Received RST_STREAM with error code 2", True),
+    (grpc.StatusCode.INTERNAL, "Internal error from Core", True),   # a member shut down under a stream
     (grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: too many requests", True),
     (grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: mvcc: database space exceeded", False),
     (grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: key is not provided", False),
