@@ -38,7 +38,8 @@ from pathlib import Path
 from . import firewall, sdnotify
 from .config import NetworkConfig, parse_config
 from .dataplane import DataplaneState, Underlay, desired_state, plan, vtep_mac, vxlan_sources
-from .errors import ConfigError, LeaseLost, LeaseParseError, OverlayError, StoreUnavailable, SubnetsExhausted, WatchCompacted
+from .errors import (ConfigError, LeaseLost, LeaseParseError, OverlayError, StoreError, StoreUnavailable,
+                     SubnetsExhausted, WatchCompacted)
 from .etcd import EtcdSettings, EtcdStore, LeaseEvent
 from .health import DaemonStatus, serve_health
 from .kernel import Kernel
@@ -110,7 +111,6 @@ class Daemon:
                      self.underlay.public_ip, self.underlay.mtu)
             if not await self._until_stopped(self._start()):
                 return 0
-            self.cni = self._start_cni_service()
             return await self._serve()
         finally:
             if self.cni is not None:
@@ -147,6 +147,9 @@ class Daemon:
             await asyncio.sleep(backoff.next())
             await self._reconcile_once()
         self._write_subnet_file()
+        # The CNI service first, then ready: whoever waits for /readyz or READY=1 to run
+        # containers finds the plugin's socket answering.
+        self.cni = self._start_cni_service()
         self.status.data_plane_ready = True
         log.info("ready: subnet %s, %d peers, %.2f s after start", self.own.subnet, len(self._programmed_peers()),
                  time.monotonic() - self.status.started_at)
@@ -417,7 +420,9 @@ class Daemon:
                 log.warning("watch from revision %d compacted (now %d): re-listing every lease",
                             self.revision + 1, exc.compact_revision)
                 await self._relist()
-            except StoreUnavailable as exc:
+            except (StoreUnavailable, StoreError) as exc:
+                # StoreError: etcd refused the watch itself. Not a broken invariant of ours, so
+                # no reason to take the data plane's supervisor down with it: retry, say why.
                 self.status.store_reachable = False
                 self.status.problem = f"etcd unreachable: {exc}"
                 log.warning("etcd watch interrupted: %s; resuming from revision %d", exc, self.revision + 1)
@@ -462,8 +467,8 @@ class Daemon:
     async def _relist_quietly(self) -> None:
         try:
             await self._relist()
-        except StoreUnavailable:
-            pass
+        except (StoreUnavailable, StoreError) as exc:
+            log.warning("re-listing the leases failed: %s; the watch will try again", exc)
 
     # ---------------------------------------------------------------- renewing the lease
 
