@@ -73,6 +73,10 @@ class KernelFailure(CniFailure):
     """A netlink request failed for a reason other than 'already there' or 'already gone'."""
 
 
+class PermissionDenied(CniFailure):
+    """The service was called by a process that is not root."""
+
+
 # Well-known codes from the CNI spec (1.1.0), then our own from 100 up.
 _CODES = (
     (IncompatibleVersion, 1),
@@ -88,6 +92,7 @@ _CODES = (
     (AttachmentDrift, 101),
     (InterfaceConflict, 102),
     (KernelFailure, 110),
+    (PermissionDenied, 111),
 )
 INTERNAL_ERROR_CODE = 999
 

@@ -37,7 +37,9 @@ import json
 import logging
 import os
 import signal
+import socket
 import socketserver
+import struct
 import sys
 import threading
 import time
@@ -48,8 +50,8 @@ from overlay.subnetfile import SubnetFile, SubnetFileError, read_subnet_file
 
 from cni import spec
 from cni.allocator import AllocationStore, AttachmentKey, allocate, release, release_unlisted, store_dir
-from cni.errors import (AttachmentDrift, CniFailure, DecodingFailure, InterfaceConflict, KernelFailure, NotReady,
-                        ServiceUnavailable, StateFailure, cni_code)
+from cni.errors import (AttachmentDrift, CniFailure, DecodingFailure, InterfaceConflict, KernelFailure,
+                        NotReady, PermissionDenied, ServiceUnavailable, StateFailure, cni_code)
 from cni.links import LinkExists, Links, bridge_lock, container_netlink, host_netlink, mac_for, open_netns
 from cni.results import Attachment, add_result, expected_in_prev_result
 
@@ -285,12 +287,31 @@ class _Handler(socketserver.StreamRequestHandler):
             data = self.rfile.read(_MAX_REQUEST_BYTES + 1)
         except OSError:     # timed out or reset: the client is gone, there is no one to answer
             return
-        status, text, command = self.server.service.answer(data)
+        uid = _peer_uid(self.connection)
+        if uid != 0:
+            # The socket's mode (0600, root) already keeps others out; this holds even when the
+            # mode is loosened or the run dir is bind-mounted somewhere less guarded.
+            log.warning("CNI request from uid %s refused: only root may attach containers", uid)
+            status, command = 1, "?"
+            text = spec.error_json(spec.LATEST_VERSION, cni_code(PermissionDenied("")),
+                                   f"only root may use the CNI service (caller uid {uid})")
+        else:
+            status, text, command = self.server.service.answer(data)
         try:
             self.wfile.write(f"{status}\n{text}".encode())
         except OSError:
             pass    # the client gave up (its runtime timed out); nothing to tell anyone
         log.debug("CNI %s -> %d in %.1f ms", command, status, (time.monotonic() - started) * 1e3)
+
+
+def _peer_uid(connection: socket.socket) -> int | None:
+    """The uid of the process at the other end of a unix socket (SO_PEERCRED), None if unknown."""
+    try:
+        credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", credentials)
+    return uid
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

@@ -297,3 +297,26 @@ def test_files_and_socket_the_daemon_and_plugin_write_have_tight_modes(lab):
                            "-c", NOBODY_CONNECTS, str(run_dir)], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["FLANNEL_NETWORK=10.244.0.0/16", "refused"], done.stdout
+
+    # Even with the socket's mode loosened by someone, the service itself refuses a non-root
+    # caller (SO_PEERCRED), with a CNI error naming why, and attaches nothing.
+    os.chmod(socket_path, 0o666)
+    try:
+        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-I",
+                               "-c", NOBODY_ASKS, str(socket_path)], capture_output=True, text=True, timeout=30)
+    finally:
+        os.chmod(socket_path, 0o600)
+    assert done.returncode == 0, done.stderr
+    status, _, answer = done.stdout.partition("\n")
+    error = json.loads(answer)
+    assert status == "1" and error["code"] == 111 and "only root" in error["msg"], done.stdout
+
+
+NOBODY_ASKS = r"""
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+s.sendall(json.dumps({"env": {"CNI_COMMAND": "VERSION"}, "stdin": "{}"}).encode())
+s.shutdown(socket.SHUT_WR)
+print(s.makefile().read(), end="")
+"""
