@@ -19,6 +19,12 @@ the service's threads or from other processes, never hand out one address twice.
 under `<run-dir>/cni-ipam/` (directory 0700, files 0600): in /run they vanish at reboot together
 with every container network namespace they describe.
 
+A requested address (CNI_ARGS IP=, runtimeConfig.ips) is allocated exactly or not at all. One
+from another host's subnet (a moved workload, see overlay.moves) is recorded with `claimed`
+set: it is not from our pool, the host holds it through an etcd claim, and DEL must withdraw
+that claim. Addresses of our pool that other hosts claim are passed in as `reserved` and never
+handed out.
+
 Standard library only: the plugin reads the store (DEL while the daemon is down).
 """
 
@@ -31,7 +37,7 @@ from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from cni.errors import PoolExhausted, StateFailure
+from cni.errors import AddressUnavailable, PoolExhausted, StateFailure
 
 STORE_DIR_NAME = "cni-ipam"
 _STATE_FILE = "allocations.json"
@@ -56,6 +62,7 @@ class Allocation:
     address: IPv4Address
     host_ifname: str
     netns: str
+    claimed: bool = False   # an address of another host's subnet, held through an etcd claim
 
 
 @dataclass(frozen=True)
@@ -79,18 +86,27 @@ def usable_addresses(subnet: IPv4Network, gateway: IPv4Address) -> list[IPv4Addr
 
 
 def allocate(state: PoolState, key: AttachmentKey, subnet: IPv4Network, gateway: IPv4Address,
-             host_ifname: str, netns: str) -> tuple[PoolState, Allocation, bool]:
+             host_ifname: str, netns: str, requested: IPv4Address | None = None,
+             reserved: frozenset[IPv4Address] = frozenset()) -> tuple[PoolState, Allocation, bool]:
     """(new state, allocation, whether it is new). An existing allocation for the key is returned
-    as it is, with its recorded netns updated, so a repeated ADD yields the same address."""
+    as it is, with its recorded netns updated, so a repeated ADD yields the same address.
+
+    `requested`: exactly this address of the pool (AddressUnavailable when it is taken, reserved
+    or not a container's address). `reserved`: addresses other hosts claim, never handed out."""
     existing = state.find(key)
+    if existing is not None and requested is not None and existing.address != requested:
+        raise AddressUnavailable(f"container {key.container_id} {key.ifname} already has {existing.address}, "
+                                 f"not the requested {requested}")
     if existing is not None:
         if existing.netns == netns and existing.host_ifname == host_ifname:
             return state, existing, False
         updated = replace(existing, netns=netns, host_ifname=host_ifname)
         allocations = tuple(updated if a.key == key else a for a in state.allocations)
         return replace(state, allocations=allocations), updated, False
+    if requested is not None:
+        return _allocate_exactly(state, key, subnet, gateway, host_ifname, netns, requested, reserved)
     candidates = usable_addresses(subnet, gateway)
-    taken = state.taken()
+    taken = state.taken() | reserved
     start = 0
     if state.last is not None and state.last in subnet:
         # Continue after the last address handed out (round robin, as host-local does).
@@ -101,6 +117,41 @@ def allocate(state: PoolState, key: AttachmentKey, subnet: IPv4Network, gateway:
             allocation = Allocation(key, address, host_ifname, netns)
             return PoolState(state.allocations + (allocation,), address), allocation, True
     raise PoolExhausted(f"no free address left in {subnet}: all {len(candidates)} are allocated")
+
+
+def _allocate_exactly(state, key, subnet, gateway, host_ifname, netns, requested, reserved):
+    if requested not in subnet or requested in (subnet.network_address, gateway, subnet.broadcast_address):
+        raise AddressUnavailable(f"{requested} is not a container address of {subnet}")
+    if requested in reserved:
+        raise AddressUnavailable(f"{requested} is claimed by another host (a workload moved there with it)")
+    holder = next((a for a in state.allocations if a.address == requested), None)
+    if holder is not None:
+        raise AddressUnavailable(f"{requested} is already allocated to container {holder.key.container_id} "
+                                 f"{holder.key.ifname} on this host")
+    allocation = Allocation(key, requested, host_ifname, netns)
+    # `last` is left alone: a requested address does not move the round robin.
+    return PoolState(state.allocations + (allocation,), state.last), allocation, True
+
+
+def record_claimed(state: PoolState, key: AttachmentKey, address: IPv4Address, host_ifname: str,
+                   netns: str) -> tuple[PoolState, Allocation, bool]:
+    """Record an address of another host's subnet that this host is about to claim (a moved
+    workload); (new state, allocation, whether it is new). Recorded before anything is made, as
+    for pool addresses, so DEL and GC find it after a crash."""
+    existing = state.find(key)
+    if existing is not None:
+        if existing.address != address:
+            raise AddressUnavailable(f"container {key.container_id} {key.ifname} already has {existing.address}, "
+                                     f"not the requested {address}")
+        updated = replace(existing, netns=netns, host_ifname=host_ifname, claimed=True)
+        allocations = tuple(updated if a.key == key else a for a in state.allocations)
+        return replace(state, allocations=allocations), updated, False
+    holder = next((a for a in state.allocations if a.address == address), None)
+    if holder is not None:
+        raise AddressUnavailable(f"{address} is already attached to container {holder.key.container_id} "
+                                 f"{holder.key.ifname} on this host")
+    allocation = Allocation(key, address, host_ifname, netns, claimed=True)
+    return PoolState(state.allocations + (allocation,), state.last), allocation, True
 
 
 def release(state: PoolState, key: AttachmentKey) -> tuple[PoolState, Allocation | None]:
@@ -130,7 +181,8 @@ def encode_state(state: PoolState) -> str:
         "last": str(state.last) if state.last is not None else None,
         "allocations": [
             {"network": a.key.network, "containerID": a.key.container_id, "ifname": a.key.ifname,
-             "address": str(a.address), "hostIfname": a.host_ifname, "netns": a.netns}
+             "address": str(a.address), "hostIfname": a.host_ifname, "netns": a.netns,
+             **({"claimed": True} if a.claimed else {})}
             for a in sorted(state.allocations, key=lambda a: a.address)
         ],
     }, indent=1)
@@ -143,7 +195,8 @@ def decode_state(text: str) -> PoolState:
             raise ValueError(f"unknown format {raw.get('format')!r}")
         allocations = tuple(
             Allocation(AttachmentKey(item["network"], item["containerID"], item["ifname"]),
-                       IPv4Address(item["address"]), item["hostIfname"], item["netns"])
+                       IPv4Address(item["address"]), item["hostIfname"], item["netns"],
+                       item.get("claimed", False) is True)
             for item in raw["allocations"])
         last = IPv4Address(raw["last"]) if raw.get("last") else None
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -181,6 +234,9 @@ class AllocationStore:
     def _ensure_directory(self) -> None:
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # mkdir leaves an existing directory's mode alone: tighten one made looser by hand.
+            if self.directory.stat().st_mode & 0o077:
+                self.directory.chmod(0o700)
         except OSError as exc:
             raise StateFailure(f"cannot create {self.directory}: {exc.strerror}") from None
 
