@@ -69,6 +69,11 @@ class InterfaceConflict(CniFailure):
     """CNI_IFNAME already exists in the container and is not ours."""
 
 
+class AddressUnavailable(CniFailure):
+    """The requested address cannot be had: taken here, claimed by another host, or no
+    container's address at all (a VTEP, gateway or broadcast address, or outside the network)."""
+
+
 class KernelFailure(CniFailure):
     """A netlink request failed for a reason other than 'already there' or 'already gone'."""
 
@@ -91,6 +96,7 @@ _CODES = (
     (PoolExhausted, 100),
     (AttachmentDrift, 101),
     (InterfaceConflict, 102),
+    (AddressUnavailable, 103),
     (KernelFailure, 110),
     (PermissionDenied, 111),
 )

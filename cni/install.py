@@ -48,7 +48,9 @@ def launcher_text(interpreter: str, package_root: str) -> str:
 
 
 def conflist(network_name: str, run_dir: str, bridge: str, portmap: bool) -> dict:
-    plugin = {"type": PLUGIN_TYPE, "runDir": run_dir, "bridge": bridge}
+    # The `ips` capability: a runtime that wants a container to keep its address (a migrated
+    # workload) passes it in runtimeConfig.ips, which libcni sends only to plugins declaring it.
+    plugin = {"type": PLUGIN_TYPE, "runDir": run_dir, "bridge": bridge, "capabilities": {"ips": True}}
     plugins = [plugin]
     if portmap:
         plugins.append({"type": "portmap", "capabilities": {"portMappings": True}, "snat": True})

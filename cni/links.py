@@ -19,6 +19,21 @@ The container end of the veth pair is created directly in the container's namesp
 final name (the peer attributes carry IFLA_NET_NS_FD and IFLA_IFNAME), so no temporary name, move
 or rename exists that a failure could leave behind. Its MAC is derived from its IPv4 address
 (0a:58:<address>), so a reused address keeps its MAC and neighbours' ARP caches stay right.
+
+A moved workload (an address of another host's subnet, see overlay.moves) is attached Calico
+style, so nothing inside it depends on a bridge: the host end of its veth stays off the bridge,
+the container gets its address as a /32, a link-scope route to MOVED_GATEWAY (169.254.1.1, an
+address no host has) and a default route via it, and a permanent neighbour entry mapping
+MOVED_GATEWAY to the host end's MAC, so the container never even has to ARP for its gateway.
+(The host end also answers ARP by proxy, as a fallback should that entry be removed.) The host
+routes the address to the host end with a /32 of protocol CNI_ROUTE_PROTOCOL; the kernel
+removes that route with the veth.
+
+The bridge answers ARP by proxy (proxy_arp, with no proxy delay) for the addresses it routes
+through another device: those are exactly the moved-away addresses of its own subnet, whose /32
+goes to the VXLAN device. Containers still on the bridge see them as on-link in their /24 and
+ARP for them; the bridge's answer brings their packets up to the host and on to the claimant.
+Every other address of the subnet is routed onto the bridge itself and gets no proxy answer.
 """
 
 from __future__ import annotations
@@ -37,6 +52,12 @@ from pyroute2.netlink.exceptions import NetlinkError
 from cni.errors import ContainerNotFound, InterfaceConflict, KernelFailure
 
 _CLONE_NEWNET = 0x40000000
+MOVED_GATEWAY = IPv4Address("169.254.1.1")
+# Routes the CNI service makes to moved containers' veths carry this protocol number: not the
+# daemon's 211 (whose reconcile removes every route of its number it did not compute), and named
+# by no entry of /etc/iproute2/rt_protos either. `ip route show proto 212` lists them.
+CNI_ROUTE_PROTOCOL = 212
+_NUD_PERMANENT = 0x80
 _NETLINK_ROUTE = 0
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -81,6 +102,16 @@ def open_netns(path: str) -> int:
     except OSError as exc:
         raise ContainerNotFound(f"cannot open network namespace {path}: {exc.strerror}") from None
     return fd
+
+
+def write_sysctl(path: str, value: str) -> None:
+    """Write /proc/sys/<path> in the calling thread's network namespace (the host's, for the
+    service: /proc/sys/net follows the namespace of the thread that opens the file)."""
+    try:
+        with open(f"/proc/sys/{path}", "w") as sysctl:
+            sysctl.write(value)
+    except OSError as exc:
+        raise KernelFailure(f"cannot set {path.replace('/', '.')} to {value}: {exc.strerror}") from None
 
 
 def host_netlink() -> IPRoute:
@@ -173,7 +204,8 @@ class Links:
     # ---- changing
 
     def ensure_bridge(self, name: str, gateway: IPv4Interface, mtu: int) -> LinkState:
-        """The bridge exists, is up, has the gateway address and MTU; returns its state."""
+        """The bridge exists, is up, has the gateway address and MTU, answers ARP by proxy for
+        moved-away addresses; returns its state."""
         bridge = self.link(name)
         if bridge is not None and bridge.kind != "bridge":
             raise KernelFailure(f"{name} exists but is a {bridge.kind or 'plain'} device, not a bridge")
@@ -193,16 +225,22 @@ class Links:
                 self.ipr.addr("replace", index=bridge.index, address=str(gateway.ip), prefixlen=gateway.network.prefixlen)
         except NetlinkError as exc:
             raise _kernel_error(f"setting up bridge {name}", exc) from None
+        # Answer ARP for moved-away addresses of the subnet at once (see the design note); a
+        # proxy answer is otherwise delayed by up to proxy_delay (0.8 s).
+        write_sysctl(f"net/ipv4/neigh/{name}/proxy_delay", "0")
+        write_sysctl(f"net/ipv4/conf/{name}/proxy_arp", "1")
         return bridge
 
-    def create_veth(self, host_name: str, host_mac: str, bridge_index: int, peer_name: str, netns_fd: int,
+    def create_veth(self, host_name: str, host_mac: str, bridge_index: int | None, peer_name: str, netns_fd: int,
                     mtu: int, peer_mac: str) -> None:
-        """Both ends in one request: the host end already on the bridge and up, the container end
-        in the container's namespace under its final name (down; the caller configures it)."""
+        """Both ends in one request: the host end already on the bridge (if one is given) and
+        up, the container end in the container's namespace under its final name (down; the
+        caller configures it)."""
+        bridged = {"master": bridge_index} if bridge_index is not None else {}
         try:
-            self.ipr.link("add", ifname=host_name, kind="veth", mtu=mtu, address=host_mac, master=bridge_index,
-                          state="up",
-                          peer={"ifname": peer_name, "net_ns_fd": netns_fd, "mtu": mtu, "address": peer_mac})
+            self.ipr.link("add", ifname=host_name, kind="veth", mtu=mtu, address=host_mac, state="up",
+                          peer={"ifname": peer_name, "net_ns_fd": netns_fd, "mtu": mtu, "address": peer_mac},
+                          **bridged)
         except NetlinkError as exc:
             if exc.code == errno.EEXIST:
                 raise LinkExists(f"{peer_name} already exists in the container or {host_name} on the host") from None
@@ -227,6 +265,45 @@ class Links:
         except NetlinkError as exc:
             raise _kernel_error(f"configuring {name} in the container", exc) from None
         return link
+
+    def configure_moved_container_side(self, name: str, address: IPv4Address, host_mac: str) -> LinkState:
+        """A moved workload's side: address/32, up, MOVED_GATEWAY on-link with a permanent
+        neighbour entry for it, default route via it; idempotent."""
+        link = self.link(name)
+        if link is None:
+            raise KernelFailure(f"{name} vanished from the container while it was being set up")
+        try:
+            self.ipr.addr("replace", index=link.index, address=str(address), prefixlen=32)
+            if not link.up:
+                self.ipr.link("set", index=link.index, state="up")
+            self.ipr.neigh("replace", ifindex=link.index, dst=str(MOVED_GATEWAY), lladdr=host_mac,
+                           state=_NUD_PERMANENT)
+            self.ipr.route("replace", dst=f"{MOVED_GATEWAY}/32", oif=link.index, scope=253)   # scope link
+            self.ipr.route("replace", dst="0.0.0.0/0", gateway=str(MOVED_GATEWAY), oif=link.index)
+        except NetlinkError as exc:
+            raise _kernel_error(f"configuring {name} in the container", exc) from None
+        return link
+
+    def route_to_container(self, address: IPv4Address, index: int) -> None:
+        """<address>/32 dev <host end>, scope link, our CNI route protocol; and proxy ARP on the
+        host end (the fallback for the container's gateway, see the design note)."""
+        try:
+            self.ipr.route("replace", dst=f"{address}/32", oif=index, scope=253, proto=CNI_ROUTE_PROTOCOL)
+        except NetlinkError as exc:
+            raise _kernel_error(f"routing {address} to its veth", exc) from None
+
+    def proxy_arp(self, name: str) -> None:
+        write_sysctl(f"net/ipv4/neigh/{name}/proxy_delay", "0")
+        write_sysctl(f"net/ipv4/conf/{name}/proxy_arp", "1")
+
+    def routes_to(self, address: IPv4Address) -> list[tuple[int, int]]:
+        """(oif, protocol) of each main-table route whose destination is exactly address/32."""
+        try:
+            messages = self.ipr.get_routes(family=socket.AF_INET, dst=str(address), dst_len=32, table=254)
+        except NetlinkError as exc:
+            raise _kernel_error("listing routes", exc) from None
+        return [(m.get_attr("RTA_OIF"), m["proto"]) for m in messages
+                if m["dst_len"] == 32 and m.get_attr("RTA_DST") == str(address)]
 
     def delete(self, name: str) -> bool:
         """Delete a link by name; True when it existed. Deleting one end of a veth removes both."""

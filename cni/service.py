@@ -27,6 +27,22 @@ DEL deletes the host end (the kernel removes the pair, wherever the container en
 releases the address; it needs neither the netns nor the subnet file. The host end's name is a
 hash of (container ID, ifname), so a DEL for an old container ID can only ever reach that
 container's own veth and allocation, never a newer attachment.
+
+A requested address (CNI_ARGS IP=, runtimeConfig.ips) decides the path (overlay.moves.placement):
+- in this host's subnet: allocated exactly, unless another container has it or another host
+  claims it (the claim is read fresh from etcd first, so a workload moving home is not refused
+  by a claim its last host has just withdrawn);
+- elsewhere in the overlay network (a workload moving in, keeping its address): (1) record it
+  (claimed) in the allocation store, (2) plug it Calico style (cni.links: host end off the
+  bridge, /32 in the container, gateway 169.254.1.1 on-link, host route <ip>/32 to the host
+  end), (3) claim it in etcd. Plugging before claiming means that when the other hosts start
+  routing the address here (on the claim), the route to the container is already in place; a
+  lost claim undoes (2) and (1), leaving nothing behind, and fails with code 103 naming the
+  holder. DEL withdraws the claim after deleting the veth, and keeps the record (so the runtime
+  retries with code 11) until etcd has taken the withdrawal.
+The service reaches etcd through `claims`, a hook the daemon passes in (overlay.claimhook): it
+runs in the daemon's process, which holds the etcd lease that claims are bound to. Without it
+(the standalone service of tests and benchmarks) a moved-in address fails with code 103.
 """
 
 from __future__ import annotations
@@ -43,9 +59,10 @@ import struct
 import sys
 import threading
 import time
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
+from overlay.moves import Placement, UnusableAddress, placement
 from overlay.subnetfile import SubnetFile, SubnetFileError, read_subnet_file
 
 from cni import spec
@@ -79,12 +96,22 @@ def is_host_ifname(name: str) -> bool:
 
 
 class Attacher:
-    """The CNI operations against the kernel and the allocation store of one run dir."""
+    """The CNI operations against the kernel and the allocation store of one run dir.
 
-    def __init__(self, run_dir: Path, ready=lambda: True):
+    `claims` (optional) is the daemon's hook into etcd address claims, called from the
+    service's threads; every method may raise ServiceUnavailable (etcd unreachable, lease
+    being re-acquired):
+      reserved(pool) -> frozenset[IPv4Address]   addresses of pool other hosts claim (in memory)
+      check_free(address)                         AddressUnavailable if another host claims it (fresh read)
+      claim(address, container_id)                AddressUnavailable naming the holder if taken
+      release(address, container_id)              withdraw our claim; no error if already gone
+    """
+
+    def __init__(self, run_dir: Path, ready=lambda: True, claims=None):
         self.run_dir = Path(run_dir)
         self.store = AllocationStore(store_dir(self.run_dir))
         self.ready = ready
+        self.claims = claims
         self._bridges: dict[str, tuple] = {}    # name -> (index, (gateway, mtu), checked at)
 
     def handle(self, invocation: spec.Invocation) -> str:
@@ -110,15 +137,28 @@ class Attacher:
         pool = subnet.subnet.network
         key = AttachmentKey(inv.name, inv.container_id, inv.ifname)
         host_name = host_ifname(inv.container_id, inv.ifname)
+        requested = IPv4Address(inv.requested_ip) if inv.requested_ip else None
+        if requested is not None:
+            try:
+                where = placement(requested, pool, subnet.network)
+            except UnusableAddress as exc:
+                raise AddressUnavailable(f"cannot attach with the requested address: {exc}") from None
+            if where is Placement.MOVED_IN:
+                return self._add_moved_in(inv, key, host_name, requested, subnet)
+        reserved = self.claims.reserved(pool) if self.claims is not None else frozenset()
+        if requested is not None and self.claims is not None:
+            self.claims.check_free(requested)
+            reserved = reserved - {requested}   # the fresh read beats the watch's view
         netns_fd = open_netns(inv.netns)
         try:
             with self.store.transaction() as txn:
                 state = txn.state
                 existing = state.find(key)
-                if existing is not None and existing.address not in pool:
+                if existing is not None and (existing.address not in pool or existing.claimed):
                     # The daemon's subnet changed since this allocation: it cannot be used any more.
                     state, _ = release(state, key)
-                state, allocation, new = allocate(state, key, pool, gateway, host_name, inv.netns)
+                state, allocation, new = allocate(state, key, pool, gateway, host_name, inv.netns,
+                                                  requested=requested, reserved=reserved)
                 txn.commit(state)
             try:
                 attachment = self._plug(inv, host_name, netns_fd, IPv4Interface((allocation.address, pool.prefixlen)),
@@ -177,6 +217,72 @@ class Attacher:
         return Attachment(host_ifname=host_name, host_mac=host_mac, ifname=inv.ifname, mac=inside.mac,
                           sandbox=inv.netns, mtu=subnet.mtu, address=address, gateway=gateway)
 
+    def _add_moved_in(self, inv, key: AttachmentKey, host_name: str, address: IPv4Address,
+                      subnet: SubnetFile) -> str:
+        """Attach with an address of another host's subnet, and claim it (see the design note)."""
+        if self.claims is None:
+            raise AddressUnavailable(f"{address} is outside this host's subnet {subnet.subnet.network}: keeping an "
+                                     "address across hosts needs the overlay daemon's CNI service")
+        netns_fd = open_netns(inv.netns)
+        try:
+            with self.store.transaction() as txn:
+                state, _, new = record_claimed(txn.state, key, address, host_name, inv.netns)
+                txn.commit(state)
+            created = False
+            try:
+                attachment, created = self._plug_moved_in(inv, host_name, netns_fd, address, subnet)
+                self.claims.claim(address, inv.container_id)
+            except BaseException:
+                if created:
+                    with Links(host_netlink()) as host:
+                        host.delete(host_name)
+                if new:
+                    with self.store.transaction() as txn:
+                        txn.commit(release(txn.state, key)[0])
+                raise
+        finally:
+            os.close(netns_fd)
+        log.info("attached %s to container %s with the address it keeps from another host's subnet",
+                 address, inv.container_id[:12])
+        return spec.dumps(add_result(inv.version, attachment, inv.dns))
+
+    def _plug_moved_in(self, inv, host_name: str, netns_fd: int, address: IPv4Address,
+                       subnet: SubnetFile) -> tuple[Attachment, bool]:
+        host_mac = mac_for(address, HOST_VETH_MAC_PREFIX)
+        created = False
+        with Links(host_netlink()) as host:
+            try:
+                with Links(container_netlink(netns_fd)) as container:
+                    try:
+                        host.create_veth(host_name, host_mac, None, inv.ifname, netns_fd, subnet.mtu, mac_for(address))
+                        created = True
+                    except LinkExists:
+                        host_end = host.link(host_name)
+                        if host_end is None:
+                            raise InterfaceConflict(f"{inv.ifname} already exists in the container") from None
+                        inside = container.link(inv.ifname)
+                        if inside is None or inside.kind != "veth" or host_end.master is not None:
+                            # A leftover pair of this container ID elsewhere, or one plugged to
+                            # the bridge by an ADD with a pool address: ours by name, replace it.
+                            host.delete(host_name)
+                            host.create_veth(host_name, host_mac, None, inv.ifname, netns_fd, subnet.mtu,
+                                             mac_for(address))
+                            created = True
+                        else:
+                            host_mac = host_end.mac
+                    host_end = host.link(host_name)
+                    host.proxy_arp(host_name)
+                    inside = container.configure_moved_container_side(inv.ifname, address, host_mac)
+                    host.route_to_container(address, host_end.index)
+            except BaseException:
+                if created:
+                    host.delete(host_name)
+                raise
+        attachment = Attachment(host_ifname=host_name, host_mac=host_mac, ifname=inv.ifname, mac=inside.mac,
+                                sandbox=inv.netns, mtu=subnet.mtu, address=IPv4Interface((address, 32)),
+                                gateway=MOVED_GATEWAY)
+        return attachment, created
+
     def _bridge(self, host: Links, name: str, subnet: SubnetFile) -> int:
         """The bridge's index, checked against the kernel at most once per BRIDGE_RECHECK_S: a
         burst of ADDs does not pay two netlink round trips each for a bridge that is there."""
@@ -198,6 +304,13 @@ class Attacher:
         with Links(host_netlink()) as host:
             host.delete(host_name)     # absent is fine: DEL is idempotent
         if allocation is not None:
+            if allocation.claimed:
+                # Withdrawn after the veth is gone (nothing here answers for it any more), before
+                # the record goes: if etcd cannot take it now, the runtime's retry finds the record.
+                if self.claims is None:
+                    raise ServiceUnavailable(f"{allocation.address} is claimed in etcd and only the overlay "
+                                             "daemon can withdraw the claim; try again later")
+                self.claims.release(allocation.address, inv.container_id)
             # Released only after the veth is gone, so the address is never on two live links.
             with self.store.transaction() as txn:
                 txn.commit(release(txn.state, key)[0])
@@ -212,6 +325,8 @@ class Attacher:
             raise AttachmentDrift(f"no address is allocated to container {inv.container_id} {inv.ifname} "
                                   f"on network {inv.name}")
         subnet = self._subnet()
+        if allocation.claimed:
+            return self._check_moved_in(inv, allocation, subnet)
         address = IPv4Interface((allocation.address, subnet.subnet.network.prefixlen))
         expected_in_prev_result(inv.prev_result, inv.ifname, inv.netns, address)
         netns_fd = open_netns(inv.netns)
@@ -242,6 +357,30 @@ class Attacher:
             os.close(netns_fd)
         return ""
 
+    def _check_moved_in(self, inv, allocation, subnet: SubnetFile) -> str:
+        address = IPv4Interface((allocation.address, 32))
+        expected_in_prev_result(inv.prev_result, inv.ifname, inv.netns, address)
+        netns_fd = open_netns(inv.netns)
+        try:
+            with Links(host_netlink()) as host, Links(container_netlink(netns_fd)) as container:
+                host_end = host.link(allocation.host_ifname)
+                if host_end is None or not host_end.up:
+                    raise AttachmentDrift(f"host veth {allocation.host_ifname} is missing or down")
+                if (host_end.index, CNI_ROUTE_PROTOCOL) not in host.routes_to(allocation.address):
+                    raise AttachmentDrift(f"the host has no route of {allocation.address} to {allocation.host_ifname}")
+                inside = container.link(inv.ifname)
+                if inside is None or inside.kind != "veth" or not inside.up:
+                    raise AttachmentDrift(f"{inv.ifname} is missing from the container, down, or not a veth")
+                if inside.mtu != subnet.mtu:
+                    raise AttachmentDrift(f"{inv.ifname} has MTU {inside.mtu}, the overlay needs {subnet.mtu}")
+                if address not in container.addresses(inside.index):
+                    raise AttachmentDrift(f"{inv.ifname} lacks its address {address}")
+                if MOVED_GATEWAY not in container.default_gateways(inside.index):
+                    raise AttachmentDrift(f"the container has no default route via {MOVED_GATEWAY}")
+        finally:
+            os.close(netns_fd)
+        return ""
+
     # ------------------------------------------------------------------ GC and STATUS
 
     def gc(self, inv: spec.Invocation) -> str:
@@ -251,6 +390,8 @@ class Attacher:
                 state, released = release_unlisted(txn.state, inv.name, inv.valid_attachments)
                 for allocation in released:
                     host.delete(allocation.host_ifname)
+                    if allocation.claimed and self.claims is not None:
+                        self.claims.release(allocation.address, allocation.key.container_id)
                 txn.commit(state)
                 recorded = {a.host_ifname for a in state.allocations}
             # Host ends nobody records: left by a crash between veth creation and rollback.
@@ -329,11 +470,11 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 class CniService:
     """The plugin's server side: `start()`, `set_ready(bool)`, `close()`."""
 
-    def __init__(self, run_dir):
+    def __init__(self, run_dir, claims=None):
         self.run_dir = Path(run_dir)
         self.socket_path = self.run_dir / spec.SOCKET_NAME
         self._ready = threading.Event()
-        self.attacher = Attacher(self.run_dir, ready=self._ready.is_set)
+        self.attacher = Attacher(self.run_dir, ready=self._ready.is_set, claims=claims)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._inode: int | None = None

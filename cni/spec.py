@@ -15,6 +15,13 @@ Both sides run the same `parse_invocation`: the plugin so that every input error
 locally with the right code, even while the daemon is down; the service because it must never
 trust its socket peer's parsing.
 
+A requested address (the workload keeps its address: see overlay.moves) comes from the `ips`
+capability (`runtimeConfig.ips`, a list of "A.B.C.D" or "A.B.C.D/len" strings; a conflist must
+declare `"capabilities": {"ips": true}` for a runtime to send it) or from CNI_ARGS `IP=`, the
+convention of the reference host-local IPAM. One IPv4 address per attachment; both sources may
+be given only if they agree. Only its form is checked here (without `ipaddress`, ~3 ms to
+import); the service decides whether the address is usable.
+
 Order of checks, so that each failure gets the code the spec gives it:
 CNI_COMMAND (4) -> stdin decodes (6) -> cniVersion present (7) and supported (1) ->
 environment for the command (4) -> config fields (7, or 2 for a field we do not know) ->
@@ -172,7 +179,8 @@ class _Value:
 class Invocation(_Value):
     """One validated call of the plugin: what the runtime asked, in typed form."""
     __slots__ = ("command", "version", "container_id", "netns", "ifname", "args", "path",
-                 "name", "type", "run_dir", "bridge", "dns", "prev_result", "valid_attachments")
+                 "name", "type", "run_dir", "bridge", "dns", "prev_result", "valid_attachments",
+                 "requested_ip")
 
     @property
     def socket_path(self) -> str:
@@ -242,7 +250,45 @@ def parse_invocation(environ, stdin) -> Invocation:
     minimum = _MIN_VERSION.get(command)
     if minimum and version_tuple(version) < version_tuple(minimum):
         raise IncompatibleVersion(f"{command} needs cniVersion {minimum} or later, the config says {version}")
-    return Invocation(command=command, version=version, **env, **fields)
+    requested = _requested_ip(config, env["args"])
+    return Invocation(command=command, version=version, requested_ip=requested, **env, **fields)
+
+
+def is_dotted_quad(text: str) -> bool:
+    """A.B.C.D with each part 0..255 and no leading zeros (what `ipaddress` accepts)."""
+    parts = text.split(".")
+    return len(parts) == 4 and all(
+        part.isascii() and part.isdigit() and len(part) <= 3 and int(part) <= 255 and (part == "0" or part[0] != "0")
+        for part in parts)
+
+
+def _requested_ip(config: dict, args: tuple):
+    """The one address the runtime asks for, as "A.B.C.D", or None."""
+    wanted = []
+    runtime = config.get("runtimeConfig") or {}
+    ips = runtime.get("ips")
+    if ips is not None:
+        if not isinstance(ips, list) or not all(isinstance(item, str) for item in ips):
+            raise InvalidNetworkConfig("runtimeConfig.ips must be an array of strings")
+        for item in ips:
+            address, _, length = item.partition("/")
+            if ":" in item:
+                raise InvalidNetworkConfig(f"runtimeConfig.ips: {item!r} is IPv6; this network is IPv4 only")
+            if not is_dotted_quad(address) or (length and not (length.isdigit() and int(length) <= 32)):
+                raise InvalidNetworkConfig(f"runtimeConfig.ips: {item!r} is not an IPv4 address")
+            wanted.append(address)
+        if len(wanted) > 1:
+            raise InvalidNetworkConfig(f"runtimeConfig.ips asks for {len(wanted)} addresses; "
+                                       "an attachment has exactly one")
+    for key, value in args:
+        if key == "IP":
+            address = value.partition("/")[0]
+            if not is_dotted_quad(address):
+                raise InvalidEnvironment(f"CNI_ARGS IP={value!r} is not an IPv4 address")
+            if wanted and wanted[0] != address:
+                raise InvalidNetworkConfig(f"CNI_ARGS IP={value} and runtimeConfig.ips {wanted[0]} disagree")
+            wanted = [address]
+    return wanted[0] if wanted else None
 
 
 def _parse_version(config: dict) -> str:
@@ -281,8 +327,8 @@ def _parse_environment(environ, command: str) -> dict:
 
 
 def _parse_args(text: str) -> tuple:
-    """CNI_ARGS is K=V;K2=V2. We use no key ourselves (runtimes send K8S_POD_NAME and friends,
-    and IgnoreUnknown=1), so keys are only checked for form."""
+    """CNI_ARGS is K=V;K2=V2. We use `IP` (a requested address); the rest (K8S_POD_NAME and
+    friends, IgnoreUnknown=1) are only checked for form."""
     pairs = []
     for item in text.split(";"):
         if not item:

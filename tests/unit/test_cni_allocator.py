@@ -9,9 +9,9 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from cni.allocator import (AllocationStore, AttachmentKey, PoolState, allocate, decode_state, encode_state, release,
-                           release_unlisted, store_dir, usable_addresses)
-from cni.errors import PoolExhausted, StateFailure
+from cni.allocator import (AllocationStore, AttachmentKey, PoolState, allocate, decode_state, encode_state,
+                           record_claimed, release, release_unlisted, store_dir, usable_addresses)
+from cni.errors import AddressUnavailable, PoolExhausted, StateFailure
 
 SUBNET = IPv4Network("10.244.3.0/24")
 GATEWAY = IPv4Address("10.244.3.1")
@@ -138,3 +138,50 @@ def test_concurrent_threads_and_processes_never_share_an_address(tmp_path):
         thread.join()
     assert len(results) == 80 and len(set(results)) == 80
     assert len(AllocationStore(directory).read().allocations) == 80
+
+
+# --- requested addresses, reserved (claimed elsewhere) addresses, claimed records -------------
+
+MY_SUBNET = IPv4Network("10.244.1.0/24")
+MY_GATEWAY = IPv4Address("10.244.1.1")
+
+def test_requested_address_is_allocated_exactly_and_does_not_move_the_round_robin():
+    state, first, _ = take(PoolState(), key("a"), MY_SUBNET, MY_GATEWAY)
+    state, wanted, new = allocate(state, key("b"), MY_SUBNET, MY_GATEWAY, "ovlvb", "/run/netns/b",
+                                  requested=IPv4Address("10.244.1.77"))
+    assert new and wanted.address == IPv4Address("10.244.1.77") and state.last == first.address
+    # A repeat of the same ADD gets the same answer; another container cannot have it.
+    assert allocate(state, key("b"), MY_SUBNET, MY_GATEWAY, "ovlvb", "/run/netns/b",
+                    requested=IPv4Address("10.244.1.77"))[1] == wanted
+    with pytest.raises(AddressUnavailable, match="already allocated to container cb"):
+        allocate(state, key("c"), MY_SUBNET, MY_GATEWAY, "ovlvc", "/run/netns/c", requested=IPv4Address("10.244.1.77"))
+
+
+@pytest.mark.parametrize("address", ["10.244.1.0", "10.244.1.1", "10.244.1.255", "10.244.2.5"])
+def test_requested_address_must_be_a_container_address_of_the_pool(address):
+    with pytest.raises(AddressUnavailable, match="not a container address"):
+        allocate(PoolState(), key("a"), MY_SUBNET, MY_GATEWAY, "ovlva", "/x", requested=IPv4Address(address))
+
+
+def test_reserved_addresses_are_never_handed_out_or_granted():
+    reserved = frozenset(IPv4Address(f"10.244.1.{i}") for i in range(2, 254))   # all but .254
+    state, allocation, _ = allocate(PoolState(), key("a"), MY_SUBNET, MY_GATEWAY, "ovlva", "/x", reserved=reserved)
+    assert allocation.address == IPv4Address("10.244.1.254")
+    with pytest.raises(PoolExhausted):
+        allocate(state, key("b"), MY_SUBNET, MY_GATEWAY, "ovlvb", "/x", reserved=reserved)
+    with pytest.raises(AddressUnavailable, match="claimed by another host"):
+        allocate(PoolState(), key("c"), MY_SUBNET, MY_GATEWAY, "ovlvc", "/x", requested=IPv4Address("10.244.1.9"),
+                 reserved=reserved)
+
+
+def test_claimed_records_survive_encoding_and_are_exclusive():
+    state, moved, new = record_claimed(PoolState(), key("m"), IPv4Address("10.244.9.7"), "ovlvm", "/run/netns/m")
+    assert new and moved.claimed
+    assert record_claimed(state, key("m"), IPv4Address("10.244.9.7"), "ovlvm", "/run/netns/m")[2] is False
+    with pytest.raises(AddressUnavailable):
+        record_claimed(state, key("n"), IPv4Address("10.244.9.7"), "ovlvn", "/x")
+    with pytest.raises(AddressUnavailable):
+        record_claimed(state, key("m"), IPv4Address("10.244.9.8"), "ovlvm", "/x")
+    state, plain, _ = take(state, key("p"), MY_SUBNET, MY_GATEWAY)
+    decoded = decode_state(encode_state(state))
+    assert set(decoded.allocations) == set(state.allocations) and decoded.find(key("m")).claimed and not decoded.find(key("p")).claimed

@@ -175,3 +175,42 @@ def test_plugin_without_service(tmp_path):
         txn.commit(state)
     assert run(env(CNI_COMMAND="DEL"), config)[1]["code"] == 11
     assert run(env(CNI_COMMAND="DEL", CNI_CONTAINERID="other"), config) == (0, None)
+
+
+# --- a requested address (the workload keeps its address) ------------------------------------
+
+def test_requested_address_from_the_ips_capability_or_cni_args():
+    assert spec.parse_invocation(env(), conf()).requested_ip is None
+    assert spec.parse_invocation(env(), conf(runtimeConfig={"ips": ["10.244.3.7/24"]})).requested_ip == "10.244.3.7"
+    assert spec.parse_invocation(env(), conf(runtimeConfig={"ips": ["10.244.3.7"]})).requested_ip == "10.244.3.7"
+    assert spec.parse_invocation(env(CNI_ARGS="IgnoreUnknown=1;IP=10.244.3.8"), conf()).requested_ip == "10.244.3.8"
+    both = spec.parse_invocation(env(CNI_ARGS="IP=10.244.3.7"), conf(runtimeConfig={"ips": ["10.244.3.7/24"]}))
+    assert both.requested_ip == "10.244.3.7"
+
+
+@pytest.mark.parametrize("runtime_ips, args, error, words", [
+    (["10.244.3.7", "10.244.3.8"], "", InvalidNetworkConfig, "exactly one"),
+    (["fd00::1/64"], "", InvalidNetworkConfig, "IPv6"),
+    (["10.244.3.07"], "", InvalidNetworkConfig, "not an IPv4 address"),
+    (["10.244.3.7/33"], "", InvalidNetworkConfig, "not an IPv4 address"),
+    ("10.244.3.7", "", InvalidNetworkConfig, "array of strings"),
+    (None, "IP=10.244.3", InvalidEnvironment, "not an IPv4 address"),
+    (None, "IP=256.1.1.1", InvalidEnvironment, "not an IPv4 address"),
+    (["10.244.3.7"], "IP=10.244.3.9", InvalidNetworkConfig, "disagree"),
+])
+def test_bad_requested_address(runtime_ips, args, error, words):
+    config = conf(runtimeConfig={"ips": runtime_ips}) if runtime_ips is not None else conf()
+    with pytest.raises(error, match=words):
+        spec.parse_invocation(env(CNI_ARGS=args), config)
+
+
+def test_dotted_quad_agrees_with_ipaddress():
+    from ipaddress import IPv4Address
+    for text in ["0.0.0.0", "10.244.3.7", "255.255.255.255", "1.2.3", "1.2.3.4.5", "01.2.3.4", "1.2.3.256",
+                 "a.b.c.d", "1..3.4", " 1.2.3.4", "١.2.3.4"]:
+        try:
+            IPv4Address(text)
+            valid = True
+        except ValueError:
+            valid = False
+        assert spec.is_dotted_quad(text) == valid, text

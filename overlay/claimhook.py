@@ -1,0 +1,95 @@
+"""The CNI service's way into etcd address claims, inside the daemon.
+
+The CNI service (cni.service) runs on threads of its own in the daemon's process; etcd is
+reached through the daemon's asyncio EtcdStore, on the daemon's event loop. ClaimHook carries a
+call from a service thread onto that loop (`run_coroutine_threadsafe`) and waits for it, and
+turns the store's domain errors into the CNI errors the runtime sees:
+
+- a claim held by another host (or another container) -> AddressUnavailable (103), naming it;
+- etcd unreachable, or our lease being re-acquired -> ServiceUnavailable (11, try again later).
+
+Claims are bound to the etcd lease of this host's subnet key and carry its subnet, public IP
+and VTEP MAC (overlay.claims): what peers need to route the address here. The daemon's own view
+of every claim (kept current by its watch) answers `reserved()` without a round trip; `claim`,
+`check_free` and `release` always go to etcd, which alone decides who holds an address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from ipaddress import IPv4Address, IPv4Network
+from typing import Callable, Mapping
+
+from cni.errors import AddressUnavailable, ServiceUnavailable, StateFailure
+
+from .claims import Claim, ClaimAttrs
+from .errors import LeaseLost, StoreError, StoreUnavailable
+from .etcd import EtcdStore
+from .lease import Lease
+from .moves import is_own_claim
+
+log = logging.getLogger("overlayd.claims")
+
+CALL_TIMEOUT_S = 15.0   # above the store's own request budget (5 s): it gives up first
+
+
+class ClaimHook:
+    def __init__(self, loop: asyncio.AbstractEventLoop, store: EtcdStore, own: Callable[[], Lease | None],
+                 claims: Callable[[], Mapping[IPv4Address, Claim]], changed: Callable[[], None] = lambda: None):
+        self._loop = loop
+        self._store = store
+        self._own = own          # our lease, or None while it is being (re-)acquired
+        self._claims = claims    # the daemon's view of every claim, by address
+        self._changed = changed  # called on the loop after we claimed or withdrew something
+
+    def reserved(self, pool: IPv4Network) -> frozenset[IPv4Address]:
+        own = self._own()
+        return frozenset(address for address, claim in list(self._claims().items())
+                         if address in pool and (own is None or not is_own_claim(claim, own)))
+
+    def check_free(self, address: IPv4Address) -> None:
+        claim = self._call(self._store.get_claim(address), f"read the claim on {address}")
+        own = self._own()
+        if claim is not None and (own is None or not is_own_claim(claim, own)):
+            raise AddressUnavailable(f"{claim.describe()}: it is free again once that container is deleted "
+                                     "there (CNI DEL) or that host's lease expires")
+
+    def claim(self, address: IPv4Address, container_id: str) -> None:
+        own = self._lease()
+        won, holder = self._call(self._store.claim_address(address, self._attrs(own, container_id), own.lease_id),
+                                 f"claim {address}")
+        if not won:
+            who = holder.describe() if holder is not None else f"{address} is claimed by another host"
+            raise AddressUnavailable(f"{who}: it is free again once that container is deleted there (CNI DEL) "
+                                     "or that host's lease expires")
+        log.info("claimed %s for container %s", address, container_id[:12])
+        self._loop.call_soon_threadsafe(self._changed)
+
+    def release(self, address: IPv4Address, container_id: str) -> None:
+        own = self._lease()
+        if self._call(self._store.release_claim(address, self._attrs(own, container_id)), f"withdraw the claim on {address}"):
+            log.info("withdrew the claim on %s (container %s)", address, container_id[:12])
+        else:
+            log.info("the claim on %s is no longer ours (container %s): left alone", address, container_id[:12])
+        self._loop.call_soon_threadsafe(self._changed)
+
+    def _lease(self) -> Lease:
+        own = self._own()
+        if own is None:
+            raise ServiceUnavailable("the overlay daemon is re-acquiring its lease; try again later")
+        return own
+
+    @staticmethod
+    def _attrs(own: Lease, container_id: str) -> ClaimAttrs:
+        return ClaimAttrs(own.attrs.public_ip, own.attrs.vtep_mac, own.subnet, container_id)
+
+    def _call(self, coroutine, what: str):
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result(CALL_TIMEOUT_S)
+        except (StoreUnavailable, LeaseLost, TimeoutError) as exc:
+            future.cancel()
+            raise ServiceUnavailable(f"could not {what} in etcd ({exc or 'timed out'}); try again later") from None
+        except StoreError as exc:
+            raise StateFailure(f"could not {what} in etcd: {exc}") from None
