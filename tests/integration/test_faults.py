@@ -280,7 +280,9 @@ def test_a_hung_etcd_member_loses_no_lease(lab, ttl):
     print(f"etcd member {process.member.name} (used by {user}) hung for {time.monotonic() - frozen:.1f} s with a "
           f"{ttl} s TTL: {len(lapsed)} of {len(held)} leases lapsed; newcomer converged")
     process.wait_healthy(time.monotonic() + 60)
-    assert not lapsed, f"leases lapsed while a member hung: {sorted(lapsed)}"
+    logs = "\n".join(f"--- {host.name} ({lab.subnet(host)}):\n{lab.daemon_log(host, 12)}" for host in lab.hosts
+                     if subnet_key(PREFIX, lab.subnet(host)) in lapsed)
+    assert not lapsed, f"leases lapsed while {process.member.name} hung: {sorted(lapsed)}\n{logs}"
 
 
 def test_whole_etcd_cluster_down_traffic_flows_daemons_not_ready_then_converge(lab, tmp_path):
@@ -460,7 +462,8 @@ def kill_when_routes_appear(lab: Lab, host: str, attempts: int = 6) -> tuple[Vxl
         monitor = subprocess.Popen(["stdbuf", "-oL", "ip", "-n", netns, "monitor", "route"],
                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         try:
-            time.sleep(0.2)  # let ip subscribe to the route group before the daemon starts
+            # No wait for the subscription: the daemon needs some 300 ms to start, and a monitor
+            # that missed the first routes still kills on a later one (else the attempt is retried).
             pid = lab.start_daemon(host)
             deadline = time.monotonic() + 60
             buffered = b""
