@@ -551,8 +551,13 @@ class EtcdStore:
             return response.TTL if response.TTL > 0 else -1
         return await self._request(f"read the TTL of etcd lease {lease_id:x}", attempt)
 
-    async def keepalive(self, lease_id: int) -> int:
-        """Renew the etcd lease once; the TTL it now has, <= 0 when the lease is gone."""
+    async def keepalive(self, lease_id: int, attempt_timeout: float | None = None) -> int:
+        """Renew the etcd lease once; the TTL it now has, <= 0 when the lease is gone.
+
+        attempt_timeout bounds the wait on one member before the next is tried: with a short TTL,
+        a hung member (one that neither answers nor resets the connection) must not use up the
+        time the lease has left.
+        """
         async def attempt(conn: _Connection, timeout: float) -> int:
             call = conn.lease.LeaseKeepAlive(timeout=timeout, metadata=REQUIRE_LEADER)
             try:
@@ -563,7 +568,7 @@ class EtcdStore:
             if response is grpc.aio.EOF:
                 raise StoreError(f"{conn.endpoint.url}: lease keepalive stream ended without an answer")
             return response.TTL
-        return await self._request(f"renew etcd lease {lease_id:x}", attempt)
+        return await self._request(f"renew etcd lease {lease_id:x}", attempt, attempt_timeout)
 
     # ---------------------------------------------------------------- address claims
 
@@ -818,8 +823,10 @@ class EtcdStore:
     def _endpoint_list(self) -> str:
         return ", ".join(endpoint.url for endpoint in self._endpoints)
 
-    async def _request(self, what: str, attempt: Callable[[_Connection, float], Awaitable[T]]) -> T:
+    async def _request(self, what: str, attempt: Callable[[_Connection, float], Awaitable[T]],
+                       attempt_timeout: float | None = None) -> T:
         """Run attempt(connection, timeout) until it succeeds, failing over on transient errors."""
+        per_attempt = min(self.attempt_timeout, attempt_timeout or self.attempt_timeout)
         loop = asyncio.get_running_loop()
         budget = self.settings.request_timeout
         deadline = loop.time() + budget
@@ -834,7 +841,7 @@ class EtcdStore:
             index = self._current
             conn = self._connection(index)
             try:
-                return await attempt(conn, min(remaining, self.attempt_timeout))
+                return await attempt(conn, min(remaining, per_attempt))
             except grpc.aio.AioRpcError as exc:
                 if not is_transient(exc):
                     raise refusal(f"could not {what}", conn.endpoint, exc) from None
