@@ -66,10 +66,12 @@ from overlay.moves import Placement, UnusableAddress, placement
 from overlay.subnetfile import SubnetFile, SubnetFileError, read_subnet_file
 
 from cni import spec
-from cni.allocator import AllocationStore, AttachmentKey, allocate, release, release_unlisted, store_dir
-from cni.errors import (AttachmentDrift, CniFailure, DecodingFailure, InterfaceConflict, KernelFailure,
-                        NotReady, PermissionDenied, ServiceUnavailable, StateFailure, cni_code)
-from cni.links import LinkExists, Links, bridge_lock, container_netlink, host_netlink, mac_for, open_netns
+from cni.allocator import (AllocationStore, AttachmentKey, allocate, record_claimed, release, release_unlisted,
+                           store_dir)
+from cni.errors import (AddressUnavailable, AttachmentDrift, CniFailure, DecodingFailure, InterfaceConflict,
+                        KernelFailure, NotReady, PermissionDenied, ServiceUnavailable, StateFailure, cni_code)
+from cni.links import (CNI_ROUTE_PROTOCOL, MOVED_GATEWAY, LinkExists, Links, bridge_lock, container_netlink,
+                       host_netlink, mac_for, open_netns)
 from cni.results import Attachment, add_result, expected_in_prev_result
 
 log = logging.getLogger("overlay.cni")

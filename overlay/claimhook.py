@@ -1,4 +1,11 @@
-"""The CNI service's way into etcd address claims, inside the daemon.
+"""The daemon's side of address claims: following every claim (ClaimFollower), and the CNI
+service's way into etcd to make and withdraw claims (ClaimHook).
+
+ClaimFollower keeps the daemon's view of every claim as it keeps its view of the leases: a
+listing, then a watch of `<prefix>/claims/` from the listing's revision + 1 on a stream of its
+own, a re-listing after compaction or an interruption, and another every few minutes as a
+safety net. Each change only calls `changed` (the daemon marks its state dirty); the reconcile
+loop turns the view into /32 routes (overlay.moves) like everything else.
 
 The CNI service (cni.service) runs on threads of its own in the daemon's process; etcd is
 reached through the daemon's asyncio EtcdStore, on the daemon's event loop. ClaimHook carries a
@@ -18,14 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from ipaddress import IPv4Address, IPv4Network
 from typing import Callable, Mapping
 
 from cni.errors import AddressUnavailable, ServiceUnavailable, StateFailure
 
 from .claims import Claim, ClaimAttrs
-from .errors import LeaseLost, StoreError, StoreUnavailable
-from .etcd import EtcdStore
+from .errors import LeaseLost, StoreError, StoreUnavailable, WatchCompacted
+from .etcd import ClaimEvent, EtcdStore
 from .lease import Lease
 from .moves import is_own_claim
 
@@ -45,7 +53,7 @@ class ClaimHook:
 
     def reserved(self, pool: IPv4Network) -> frozenset[IPv4Address]:
         own = self._own()
-        return frozenset(address for address, claim in list(self._claims().items())
+        return frozenset(address for address, claim in self._claims().items()
                          if address in pool and (own is None or not is_own_claim(claim, own)))
 
     def check_free(self, address: IPv4Address) -> None:
@@ -93,3 +101,70 @@ class ClaimHook:
             raise ServiceUnavailable(f"could not {what} in etcd ({exc or 'timed out'}); try again later") from None
         except StoreError as exc:
             raise StateFailure(f"could not {what} in etcd: {exc}") from None
+
+
+class ClaimFollower:
+    """Every address claim in etcd, by address, kept current; `changed()` after each change."""
+
+    relist_interval = 300.0
+
+    def __init__(self, store: EtcdStore, changed: Callable[[], None]):
+        self.store = store
+        self.changed = changed
+        self.claims: dict[IPv4Address, Claim] = {}
+        self.revision = 0           # etcd revision the view reflects
+        self.listed_revision = 0    # of the last listing: older events are stale
+
+    async def relist(self) -> None:
+        claims, revision = await self.store.list_claims()
+        fresh = {claim.address: claim for claim in claims}
+        if fresh != self.claims:
+            self.claims = fresh
+            self.changed()
+        self.revision = max(self.revision, revision)
+        self.listed_revision = revision
+
+    async def run(self) -> None:
+        """Watch forever (a task of the daemon's); the first listing must be done."""
+        pause = 0.2
+        while True:
+            try:
+                async for event in self.store.watch_claims(self.revision + 1):
+                    pause = 0.2
+                    self.apply(event)
+            except WatchCompacted:
+                log.warning("claims watch from revision %d compacted: re-listing the claims", self.revision + 1)
+                await self._relist_quietly()
+            except StoreUnavailable as exc:
+                log.warning("etcd watch of the claims interrupted: %s; resuming from revision %d", exc,
+                            self.revision + 1)
+                await asyncio.sleep(pause * random.uniform(0.8, 1.2))
+                pause = min(5.0, pause * 2)
+                await self._relist_quietly()
+
+    async def relist_now_and_then(self) -> None:
+        while True:
+            await asyncio.sleep(self.relist_interval * random.uniform(0.8, 1.0))
+            await self._relist_quietly()
+
+    def apply(self, event: ClaimEvent) -> None:
+        if event.revision <= self.listed_revision:
+            return  # already reflected by a listing taken after it
+        self.revision = max(self.revision, event.revision)
+        # Copy on write: the CNI service's threads read `claims` while this runs on the loop.
+        if event.claim is None:
+            if event.address in self.claims:
+                self.claims = {a: c for a, c in self.claims.items() if a != event.address}
+                log.info("address %s: claim withdrawn", event.address)
+                self.changed()
+        elif self.claims.get(event.address) != event.claim:
+            self.claims = {**self.claims, event.address: event.claim}
+            log.info("address %s: claimed by %s (subnet %s)", event.address, event.claim.attrs.public_ip,
+                     event.claim.attrs.subnet)
+            self.changed()
+
+    async def _relist_quietly(self) -> None:
+        try:
+            await self.relist()
+        except StoreUnavailable:
+            pass

@@ -13,6 +13,11 @@ Nothing is programmed from inside an event handler: handlers only update the in-
 and set the `dirty` event. The loop recomputes the whole desired state each time, so a missed or
 duplicated event cannot leave the kernel wrong for longer than one resync interval.
 
+Moved workloads (overlay.moves): a ClaimFollower keeps every address claim in view with a watch
+of its own; the reconcile adds a /32 route per claim of another host to the subnet data plane,
+and the CNI service claims and withdraws addresses through a ClaimHook into this process's etcd
+store and lease.
+
 Start-up: read the network config (refusing a bad one, programming nothing), find the underlay,
 take a lease (adopting the one this host already holds, so a restart keeps its subnet, VTEP MAC
 and every live route), reconcile once, then write the subnet file and tell systemd READY=1.
@@ -37,6 +42,7 @@ from pathlib import Path
 
 from . import firewall, sdnotify
 from .config import NetworkConfig, parse_config
+from .claimhook import ClaimFollower, ClaimHook
 from .dataplane import DataplaneState, Underlay, desired_state, plan, vtep_mac, vxlan_sources
 from .errors import (ConfigError, LeaseLost, LeaseParseError, OverlayError, StoreError, StoreUnavailable,
                      SubnetsExhausted, WatchCompacted)
@@ -44,6 +50,7 @@ from .etcd import EtcdSettings, EtcdStore, LeaseEvent
 from .health import DaemonStatus, serve_health
 from .kernel import Kernel
 from .lease import DEFAULT_PREFIX, Lease, LeaseAttrs, choose_subnet
+from .moves import moved_away, with_moved_addresses
 from .subnetfile import for_subnet, read_subnet_file, write_subnet_file
 
 log = logging.getLogger("overlayd")
@@ -82,6 +89,8 @@ class Daemon:
         self.revision = 0                 # etcd revision the lease map reflects
         self.listed_revision = 0          # revision of the last full listing: older events are stale
         self.dirty = asyncio.Event()
+        self.moves = ClaimFollower(self.store, self.dirty.set)
+        self._announced: frozenset[IPv4Address] = frozenset()   # moved-away addresses told to the bridge
         self.lease_lost = asyncio.Event()
         self.stopping = asyncio.Event()
         self._last_logged_peers: int | None = None
@@ -139,6 +148,14 @@ class Daemon:
     async def _start(self) -> None:
         self.config = await self._wait_for_config()
         await self._acquire_lease()
+        backoff = Backoff()
+        while True:
+            try:
+                await self.moves.relist()
+                break
+            except StoreUnavailable as exc:
+                log.warning("etcd unreachable while listing the address claims: %s", exc)
+                await asyncio.sleep(backoff.next())
         # Ready means programmed: a first reconcile that fails (say, the underlay device is
         # briefly missing) is retried before the subnet file tells the CNI plugin to go ahead.
         backoff = Backoff()
@@ -275,6 +292,8 @@ class Daemon:
             ("renew", self._renew_loop()),
             ("resync", self._resync_timer()),
             ("relist", self._relist_timer()),
+            ("claims", self.moves.run()),
+            ("relist-claims", self.moves.relist_now_and_then()),
         )]
         stop = asyncio.create_task(self.stopping.wait())
         try:
@@ -317,7 +336,8 @@ class Daemon:
 
     async def _reconcile_once(self) -> None:
         started = time.monotonic()
-        desired = desired_state(self.own, self.peers.values(), self.config, self.underlay)
+        subnets = desired_state(self.own, self.peers.values(), self.config, self.underlay)
+        desired = with_moved_addresses(subnets, self.own, self.peers.values(), self.moves.claims.values())
         try:
             actual = await self._in_netlink_thread(self.kernel.read_state, desired.device.name)
             changes = plan(desired, actual)
@@ -333,6 +353,7 @@ class Daemon:
                 await self._in_netlink_thread(self._apply_host_settings)
             await self._in_netlink_thread(self._sync_vxlan_filter,
                                           vxlan_sources(self.own, self.peers.values(), self.config))
+            await self._announce_moved_away(desired)
             self.status.in_sync = True
         except OverlayError as exc:
             self.status.in_sync = False
@@ -345,10 +366,22 @@ class Daemon:
             self.status.reconcile_runs += 1
             self.status.last_reconcile_seconds = elapsed
             self.status.reconcile_seconds_total += elapsed
-            self.status.peers = len(desired.routes)
+            self.status.peers = len(subnets.routes)
             if self.status.peers != self._last_logged_peers:
                 log.info("%d peers programmed (reconcile %.1f ms)", self.status.peers, elapsed * 1000)
                 self._last_logged_peers = self.status.peers
+
+    async def _announce_moved_away(self, desired: DataplaneState) -> None:
+        """Once the /32 of an address moved away from our subnet is in place, tell the bridge's
+        containers (gratuitous ARP): they may hold its old MAC."""
+        away = moved_away(desired.routes, self.own.subnet)
+        fresh = away - self._announced
+        if fresh:
+            sent = await self._in_netlink_thread(self.kernel.announce_moved, sorted(fresh),
+                                                 self.own.subnet.network_address + 1)
+            if sent:
+                log.info("announced %s on the CNI bridge: moved to other hosts", ", ".join(map(str, sorted(fresh))))
+        self._announced = away
 
     def _host_settings_present(self) -> bool:
         return self.kernel.ip_forward() and firewall.rules_present()
@@ -394,7 +427,10 @@ class Daemon:
         except ImportError:
             log.warning("CNI service not available: the plugin will work in its slow, standalone mode")
             return None
-        service = CniService(self.settings.run_dir)
+        hook = ClaimHook(asyncio.get_running_loop(), self.store,
+                         lambda: None if self.lease_lost.is_set() else self.own,
+                         lambda: self.moves.claims, self.dirty.set)
+        service = CniService(self.settings.run_dir, claims=hook)
         service.start()
         service.set_ready(True)
         return service

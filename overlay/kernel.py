@@ -105,6 +105,7 @@ RT_SCOPE_NOWHERE = 255
 RTN_UNICAST = 1
 AF_BRIDGE = 7
 CLONE_NEWNET = 0x40000000
+_ETH_P_ARP = 0x0806
 
 _NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
 _GONE = (errno.ENOENT, errno.ESRCH, errno.ENODEV)  # what a delete of an absent object reports
@@ -421,6 +422,47 @@ class Kernel:
         if delete:
             return _Request(what, body, RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK)
         return _Request(what, body, RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)
+
+    # ------------------------------------------------------------------ moved addresses
+
+    def announce_moved(self, addresses: Iterable[IPv4Address], gateway: IPv4Address) -> int:
+        """Gratuitous ARP for each address, from the device holding `gateway` (the CNI bridge),
+        with that device's MAC; the number sent (0 when no device holds the gateway).
+
+        Containers on the bridge that talked to a workload before it moved hold a neighbour
+        entry with its old MAC, which nobody on the bridge answers any more; left alone it
+        stays REACHABLE for up to 45 s and then probes for seconds. A gratuitous ARP overrides
+        an existing entry whatever its lock time (the kernel's is_garp rule), so their next
+        packet goes to the bridge, and the host routes it to the workload's new host.
+        """
+        wanted = list(addresses)
+        if not wanted:
+            return 0
+        with self._lock:
+            holder = None
+            for message in self._call("list addresses", self._ipr.addr, "dump", family=socket.AF_INET):
+                if message.get_attr("IFA_LOCAL") == str(gateway):
+                    holder = message["index"]
+                    break
+            if holder is None:
+                return 0
+            link = self._call("read the bridge", self._ipr.link, "get", index=holder)[0]
+        mac = _mac_bytes(link.get_attr("IFLA_ADDRESS"))
+        frames = [b"\xff" * 6 + mac + struct.pack("!H", _ETH_P_ARP)
+                  + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1)      # Ethernet, IPv4, request
+                  + mac + address.packed + bytes(6) + address.packed
+                  for address in wanted]
+
+        def send() -> None:
+            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
+                sock.bind((link.get_attr("IFLA_IFNAME"), 0))
+                for frame in frames:
+                    sock.send(frame)
+        try:
+            _in_netns(self.netns, send)
+        except OSError as exc:
+            raise KernelError(f"gratuitous ARP on {link.get_attr('IFLA_IFNAME')}: {exc}") from None
+        return len(frames)
 
     # ------------------------------------------------------------------ host settings
 

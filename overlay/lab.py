@@ -43,6 +43,12 @@ Design notes
   (libcni caches it too) to be passed to DEL. `down` first runs DEL for every recorded container
   while the daemons still live (best effort: a dead daemon only costs a code 11), then removes
   whatever `ovl-<name>-*` exists as for every other object; a crash leaves nothing `down` misses.
+- A move (`move_container`, `overlayctl lab move`) is a runtime migrating a workload: the
+  container's namespace stays (as a live migration keeps a VM's memory, its sockets survive), the
+  plugin's DEL runs on the old host, then its ADD on the new host with CNI_ARGS `IP=` the address
+  it had. The new host's plugin runs in the new host's namespace with CNI_NETNS naming the same
+  container namespace, so the new veth pair has its host end there. The record's host changes
+  before the ADD: a crash in between leaves a container that `down` DELs on its new host.
 - The lab's root namespace is its outside world: it routes only the underlay /24 on the bridge
   and never the overlay network, so a container's packet to the bridge address can only be
   answered if its host masqueraded it (overlayd runs with --ip-masq); `masquerade_probe` shows
@@ -58,6 +64,7 @@ The API at a glance (the CLI, the demo, the tests and the benchmarks all use it)
         lab.restart("h2"); lab.stop_daemon("h2", sig); lab.kill_daemon("h2"); lab.start_daemon("h2")
         lab.add_host(); lab.remove_host("h3"); lab.status(); lab.etcdctl("get", ...); lab.etcd_settings()
         lab.add_container("h1"); lab.remove_container("h1c1"); lab.containers  # also up(containers=M)
+        lab.move_container("h1c1", "h3")    # same netns, same address: DEL on h1, ADD with IP= on h3
         lab.container_reachability(); lab.masquerade_probe("h1c1"); lab.detach_containers()
     teardown("t1"); teardown_all()          # from what exists, whatever the state
 """
@@ -1138,6 +1145,43 @@ class Lab:
         while f"{host.name}c{index}" in taken:
             index += 1
         return f"{host.name}c{index}"
+
+    def move_container(self, which: "str | LabContainer", to_host: "str | int | LabHost", timeout: float = 60.0,
+                       timings: dict | None = None) -> LabContainer:
+        """Move a container to another host keeping its namespace and address: DEL through the
+        old host's plugin, then ADD through the new host's with `IP=` its address. Returns the
+        container as attached now. `timings`, if given, gets monotonic stamps `del_started`,
+        `del_done` and `add_done` (for benchmarks)."""
+        from cni.runtime import PluginFailed
+        container = self.container(which)
+        target = self.host(to_host)
+        stamps = timings if timings is not None else {}
+        if container.host == target.name:
+            raise LabError(f"{container.name} is on {target.name} already")
+        if container.address is None:
+            raise LabError(f"{container.name} has no address to keep (its ADD did not finish)")
+        deadline = time.monotonic() + timeout
+        address = container.address
+        stamps["del_started"] = time.monotonic()
+        try:
+            self.conflist(container.host).delete(self._attachment(container), container.result)
+        except PluginFailed as exc:
+            raise LabError(f"{container.name}: DEL on {container.host} failed, nothing moved: {exc}") from None
+        stamps["del_done"] = time.monotonic()
+        moving = LabContainer(container.name, target.name, container.netns, container.container_id)
+        self._replace_container(moving)
+        outcome = self._attach(self.conflist(target), moving, address, deadline)
+        stamps["add_done"] = time.monotonic()
+        if isinstance(outcome, str):
+            raise LabError(f"{container.name}: detached from {container.host}, but ADD with {address} on "
+                           f"{target.name} failed: {outcome}")
+        self._replace_container(outcome)
+        return outcome
+
+    def _replace_container(self, container: LabContainer) -> None:
+        self.state["containers"] = [container.to_state() if raw["name"] == container.name else raw
+                                    for raw in self.state.get("containers", [])]
+        self._save()
 
     def remove_container(self, which: "str | LabContainer") -> None:
         """DEL the container through the plugin, then delete its namespace and record.

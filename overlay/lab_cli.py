@@ -4,6 +4,7 @@
                       [--network 10.244.0.0/16] [--subnet-lease-ttl S] [--no-wait]
     overlayctl lab status [--name lab] [--json]
     overlayctl lab restart HOST [--name lab]
+    overlayctl lab move CONTAINER HOST [--name lab]   (keeps the container's namespace and address)
     overlayctl lab down [--name lab | --all]
     overlayctl lab demo [--name lab] [--hosts 3] [--containers 2]   (what `make demo` runs)
 
@@ -138,6 +139,26 @@ def restart(host: str, name: str, wait: bool, timeout: float) -> None:
             click.echo(f"{handle.host(host).name}: ready {time.monotonic() - started:.1f} s after the restart began")
     except LabError as exc:
         _fail(exc)
+
+
+@lab.command()
+@click.argument("container")
+@click.argument("host")
+@_name_option
+@click.option("--timeout", default=60.0, show_default=True)
+def move(container: str, host: str, name: str, timeout: float) -> None:
+    """Move CONTAINER to HOST keeping its address, e.g. `lab move h1c1 h3`: DEL on its host, ADD
+    with the same address on HOST, the container's namespace (and its sockets) kept."""
+    handle = _load(name)
+    try:
+        before = handle.container(container)
+        timings: dict = {}
+        moved = handle.move_container(container, host, timeout=timeout, timings=timings)
+    except LabError as exc:
+        _fail(exc)
+    click.echo(f"{moved.name}: moved from {before.host} to {moved.host} keeping {moved.address} "
+               f"(DEL {1000 * (timings['del_done'] - timings['del_started']):.0f} ms, "
+               f"ADD {1000 * (timings['add_done'] - timings['del_done']):.0f} ms)")
 
 
 @lab.command()

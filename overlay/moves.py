@@ -14,7 +14,9 @@ The origin host, whose subnet holds A, follows the same rule, and that is what m
 its bridge: the /32 beats the bridge's connected /24 by longest prefix. Its own containers, which
 see A as on-link in their /24, ARP for it on the bridge; the bridge answers for addresses it
 routes elsewhere (proxy ARP, set by the CNI service), so their packets go up to the host and on
-to C. The origin's allocator keeps A out of its pool while the claim exists (`reserved_in`).
+to C. Containers that held an ARP entry for A (its old MAC) are told by a gratuitous ARP from
+the bridge, sent when A first appears in `moved_away`. The origin's allocator keeps A out of its
+pool while the claim exists (`reserved_in`).
 
 On C itself nothing comes from here: the CNI service routes A/32 to the container's veth when it
 attaches it. That route lives and dies with the veth (the kernel removes a device's routes with
@@ -69,6 +71,13 @@ def with_moved_addresses(base: DataplaneState, own: Lease, peers: Iterable[Lease
     if not extra:
         return base
     return replace(base, routes=base.routes | extra)
+
+
+def moved_away(routes: Iterable[Route], own_subnet: IPv4Network) -> frozenset[IPv4Address]:
+    """Addresses of our own subnet that are routed to another host: to be announced on the
+    bridge (gratuitous ARP from the bridge's MAC, see Kernel.announce_moved) when they appear."""
+    return frozenset(route.dst.network_address for route in routes
+                     if route.dst.prefixlen == 32 and route.dst.network_address in own_subnet)
 
 
 def reserved_in(pool: IPv4Network, claims: Iterable[Claim]) -> frozenset[IPv4Address]:
