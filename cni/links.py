@@ -299,7 +299,8 @@ class Links:
     def routes_to(self, address: IPv4Address) -> list[tuple[int, int]]:
         """(oif, protocol) of each main-table route whose destination is exactly address/32."""
         try:
-            messages = self.ipr.get_routes(family=socket.AF_INET, dst=str(address), dst_len=32, table=254)
+            # A dump filtered here: a `dst=` request would be a FIB lookup, which reports no protocol.
+            messages = self.ipr.route("dump", family=socket.AF_INET, table=254)
         except NetlinkError as exc:
             raise _kernel_error("listing routes", exc) from None
         return [(m.get_attr("RTA_OIF"), m["proto"]) for m in messages

@@ -38,8 +38,9 @@ A requested address (CNI_ARGS IP=, runtimeConfig.ips) decides the path (overlay.
   end), (3) claim it in etcd. Plugging before claiming means that when the other hosts start
   routing the address here (on the claim), the route to the container is already in place; a
   lost claim undoes (2) and (1), leaving nothing behind, and fails with code 103 naming the
-  holder. DEL withdraws the claim after deleting the veth, and keeps the record (so the runtime
-  retries with code 11) until etcd has taken the withdrawal.
+  holder. DEL withdraws the claim after deleting the veth and the record; a withdrawal etcd
+  cannot take now is done later by the daemon's ClaimKeeper, which keeps this host's claims equal
+  to the claimed records (and claims again what a lost lease took along).
 The service reaches etcd through `claims`, a hook the daemon passes in (overlay.claimhook): it
 runs in the daemon's process, which holds the etcd lease that claims are bound to. Without it
 (the standalone service of tests and benchmarks) a moved-in address fails with code 103.
@@ -306,16 +307,21 @@ class Attacher:
         with Links(host_netlink()) as host:
             host.delete(host_name)     # absent is fine: DEL is idempotent
         if allocation is not None:
-            if allocation.claimed:
-                # Withdrawn after the veth is gone (nothing here answers for it any more), before
-                # the record goes: if etcd cannot take it now, the runtime's retry finds the record.
-                if self.claims is None:
-                    raise ServiceUnavailable(f"{allocation.address} is claimed in etcd and only the overlay "
-                                             "daemon can withdraw the claim; try again later")
-                self.claims.release(allocation.address, inv.container_id)
+            if allocation.claimed and self.claims is None:
+                raise ServiceUnavailable(f"{allocation.address} is claimed in etcd and only the overlay "
+                                         "daemon can withdraw the claim; try again later")
             # Released only after the veth is gone, so the address is never on two live links.
             with self.store.transaction() as txn:
                 txn.commit(release(txn.state, key)[0])
+            if allocation.claimed:
+                # After the record: the daemon's ClaimKeeper re-claims every recorded address
+                # whose claim is missing, so the record must be gone first. If etcd cannot take
+                # the withdrawal now, the keeper withdraws it later (a claim without a record).
+                try:
+                    self.claims.release(allocation.address, inv.container_id)
+                except ServiceUnavailable as exc:
+                    log.warning("DEL of %s: %s; the daemon withdraws the claim when etcd is back",
+                                inv.container_id[:12], exc.msg)
         return ""
 
     # ------------------------------------------------------------------ CHECK
@@ -392,10 +398,15 @@ class Attacher:
                 state, released = release_unlisted(txn.state, inv.name, inv.valid_attachments)
                 for allocation in released:
                     host.delete(allocation.host_ifname)
-                    if allocation.claimed and self.claims is not None:
-                        self.claims.release(allocation.address, allocation.key.container_id)
                 txn.commit(state)
                 recorded = {a.host_ifname for a in state.allocations}
+            # Claims after the records, as in DEL (a failed withdrawal is the daemon's to finish).
+            for allocation in released:
+                if allocation.claimed and self.claims is not None:
+                    try:
+                        self.claims.release(allocation.address, allocation.key.container_id)
+                    except ServiceUnavailable as exc:
+                        log.warning("GC: %s; the daemon withdraws the claim when etcd is back", exc.msg)
             # Host ends nobody records: left by a crash between veth creation and rollback.
             # Links were listed before the records were read, and ADD records before it creates,
             # so an ADD in flight is never mistaken for an orphan.

@@ -168,3 +168,77 @@ class ClaimFollower:
             await self.relist()
         except StoreUnavailable:
             pass
+
+
+class ClaimKeeper:
+    """Keeps this host's own claims equal to the moved-in attachments the CNI service recorded.
+
+    Level-triggered, like the kernel side: wanted = every `claimed` allocation in the CNI store
+    of our run dir; held = every claim in the follower's view that names us (our public IP and
+    subnet). A wanted address not held is claimed (again): our lease was lost and re-acquired
+    (its claims went with the old etcd lease), or someone deleted the key by hand. A held claim
+    nobody wants is withdrawn: a DEL whose withdrawal did not reach etcd. It runs when the
+    claims change, when the CNI service claimed or withdrew something, and every `interval`.
+    A wanted address another host holds is reported once and left alone: etcd decides.
+    """
+
+    interval = 10.0
+
+    def __init__(self, store: EtcdStore, follower: ClaimFollower, run_dir, own: Callable[[], Lease | None]):
+        self.store = store
+        self.follower = follower
+        self.run_dir = run_dir
+        self.own = own
+        self.wake = asyncio.Event()
+        self._reported: set[IPv4Address] = set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.wake.wait(), self.interval * random.uniform(0.8, 1.0))
+            except asyncio.TimeoutError:
+                pass
+            self.wake.clear()
+            try:
+                await self.sync_once()
+            except StoreUnavailable as exc:
+                log.warning("could not bring this host's claims in line: %s", exc)
+
+    async def sync_once(self) -> None:
+        own = self.own()
+        if own is None:
+            return
+        wanted = await asyncio.get_running_loop().run_in_executor(None, self._recorded)
+        if wanted is None:
+            return   # the records cannot be read: never withdraw on a guess
+        self._reported &= set(wanted)
+        held = {address: claim for address, claim in self.follower.claims.items() if is_own_claim(claim, own)}
+        for address, container_id in wanted.items():
+            claim = held.get(address)
+            if claim is not None and claim.attrs.container_id == container_id:
+                continue
+            attrs = ClaimAttrs(own.attrs.public_ip, own.attrs.vtep_mac, own.subnet, container_id)
+            try:
+                won, holder = await self.store.claim_address(address, attrs, own.lease_id)
+            except LeaseLost:
+                return   # our lease is going; the daemon re-acquires it and we come back
+            if won:
+                log.info("claimed %s again for container %s (its claim was missing)", address, container_id[:12])
+                self._reported.discard(address)
+            elif address not in self._reported:
+                self._reported.add(address)
+                log.error("container %s here has %s, but %s: its traffic goes there", container_id[:12], address,
+                          holder.describe() if holder else "another host claims it")
+        for address, claim in held.items():
+            if address not in wanted:
+                if await self.store.release_claim(address, claim.attrs):
+                    log.info("withdrew the claim on %s: no container here has it any more", address)
+
+    def _recorded(self) -> dict[IPv4Address, str] | None:
+        from cni.allocator import AllocationStore, store_dir
+        try:
+            state = AllocationStore(store_dir(self.run_dir)).read()
+        except Exception as exc:   # StateFailure and anything else: the records are not usable
+            log.warning("cannot read the CNI records to check this host's claims: %s", exc)
+            return None
+        return {a.address: a.key.container_id for a in state.allocations if a.claimed}

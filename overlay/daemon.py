@@ -42,7 +42,7 @@ from pathlib import Path
 
 from . import firewall, sdnotify
 from .config import NetworkConfig, parse_config
-from .claimhook import ClaimFollower, ClaimHook
+from .claimhook import ClaimFollower, ClaimHook, ClaimKeeper
 from .dataplane import DataplaneState, Underlay, desired_state, plan, vtep_mac, vxlan_sources
 from .errors import (ConfigError, LeaseLost, LeaseParseError, OverlayError, StoreError, StoreUnavailable,
                      SubnetsExhausted, WatchCompacted)
@@ -89,7 +89,9 @@ class Daemon:
         self.revision = 0                 # etcd revision the lease map reflects
         self.listed_revision = 0          # revision of the last full listing: older events are stale
         self.dirty = asyncio.Event()
-        self.moves = ClaimFollower(self.store, self.dirty.set)
+        self.moves = ClaimFollower(self.store, self._claims_changed)
+        self.keeper = ClaimKeeper(self.store, self.moves, settings.run_dir,
+                                  lambda: None if self.lease_lost.is_set() else self.own)
         self._announced: frozenset[IPv4Address] = frozenset()   # moved-away addresses told to the bridge
         self.lease_lost = asyncio.Event()
         self.stopping = asyncio.Event()
@@ -294,6 +296,7 @@ class Daemon:
             ("relist", self._relist_timer()),
             ("claims", self.moves.run()),
             ("relist-claims", self.moves.relist_now_and_then()),
+            ("keep-claims", self.keeper.run()),
         )]
         stop = asyncio.create_task(self.stopping.wait())
         try:
@@ -371,6 +374,10 @@ class Daemon:
                 log.info("%d peers programmed (reconcile %.1f ms)", self.status.peers, elapsed * 1000)
                 self._last_logged_peers = self.status.peers
 
+    def _claims_changed(self) -> None:
+        self.dirty.set()
+        self.keeper.wake.set()
+
     async def _announce_moved_away(self, desired: DataplaneState) -> None:
         """Once the /32 of an address moved away from our subnet is in place, tell the bridge's
         containers (gratuitous ARP): they may hold its old MAC."""
@@ -429,7 +436,7 @@ class Daemon:
             return None
         hook = ClaimHook(asyncio.get_running_loop(), self.store,
                          lambda: None if self.lease_lost.is_set() else self.own,
-                         lambda: self.moves.claims, self.dirty.set)
+                         lambda: self.moves.claims, self._claims_changed)
         service = CniService(self.settings.run_dir, claims=hook)
         service.start()
         service.set_ready(True)
@@ -443,6 +450,7 @@ class Daemon:
             try:
                 if self.lease_lost.is_set():
                     await self._acquire_lease()
+                    self.keeper.wake.set()   # claims bound to the old lease went with it
                     self._write_subnet_file()
                     if self.cni is not None:
                         self.cni.set_ready(True)

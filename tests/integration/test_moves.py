@@ -84,6 +84,8 @@ def test_moved_container_keeps_its_address_and_everyone_reaches_it(lab):
     assert "default via 169.254.1.1 dev eth0" in routes and "169.254.1.1 dev eth0 proto static scope link" in routes
 
     reaches_all(lab, "h1c1")
+    # CHECK on the new host verifies the moved attachment (host route, /32, gateway).
+    lab.conflist("h2").check(lab._attachment(moved), moved.result)
     # The origin routes the address to the new host's VTEP, not to its bridge...
     via = f"via {lab.subnet('h2').network_address} dev flannel.1"
     assert via in host_route(lab, "h1", address)
@@ -94,6 +96,12 @@ def test_moved_container_keeps_its_address_and_everyone_reaches_it(lab):
     # The origin keeps the address out of its pool while it is claimed.
     with pytest.raises(LabError, match="claimed by host"):
         lab.add_container("h1", name="back", ip=address)
+
+    # A claim that vanishes (deleted by hand here; a lease lost and re-acquired does the same)
+    # is made again by the host whose container has the address.
+    lab.etcdctl("del", CLAIMS + str(address))
+    wait_until(lambda: str(address) in claims(lab), time.monotonic() + 15, f"h2 to claim {address} again")
+    reaches_all(lab, "h1c1")
 
     # DEL on the new host releases it everywhere; the address can come home.
     lab.remove_container("h1c1")
