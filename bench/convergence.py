@@ -5,18 +5,18 @@ Design notes
 - One lab grows through the sizes: for size N it holds N-1 converged "observer" hosts, and a
   newcomer (the N-th host) joins, is measured, leaves, and joins again, `joins` times.
 - The two clocks are both this machine's wall clock, read by observers that do nothing else:
-    * etcd side: our own `etcdctl watch --prefix <prefix>/` in the root namespace, reached over the
-      same bridge as the daemons' watches; a line-reader thread stamps each event with time.time()
-      the moment its first line arrives. A probe key (outside subnets/, which no daemon reads)
-      proves the watch is live before anything is timed.
+    * etcd side: our own watch of `<prefix>/` from the root namespace, reached over the same bridge
+      as the daemons' watches, in a process of its own (bench.stampwatch) that stamps each event
+      with time.time() on arrival and does nothing else (a thread of this busy process stamped
+      late); its "created" answer proves the watch is live before anything is timed.
     * kernel side: `ip -ts monitor route neigh` in every observer's namespace: iproute2 stamps each
       netlink notification (microseconds, wall clock) as it receives it; FDB entries arrive on the
       same neighbour group (family AF_BRIDGE) and print as `<dst> dev flannel.1 lladdr <mac>`. A
       probe neighbour on eth0 proves each monitor is live. No polling, so nothing competes with
       the daemons for the two CPUs, and the stamp is the kernel event, not when we looked.
-  Our watcher is one more process reading a pipe, so it can hear of a lease up to about a
-  millisecond after a daemon did (a first kernel object then appears "before" the lease, by that
-  much): the figures are good to about 1 ms, ample against a 200 ms target.
+  Our watcher is one more etcd client, so it can hear of a lease a little after a daemon did (a
+  first kernel object then appears "before" the lease, by that much, about a millisecond on a
+  calm machine); earliest_object_s in each join shows it.
   Per join: t_lease (watch saw the newcomer's PUT); for each observer the time its last of the
   three objects appeared; convergence = the latest observer - t_lease ("present on every other
   host"); the median observer is kept too. Ready = start_daemon() to /readyz answering 200
@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -110,41 +111,30 @@ def _ip_stamp(line: str) -> tuple[float, str] | None:
 
 
 class EtcdWatch:
-    """`etcdctl watch --prefix` of the lab's network prefix: [(time seen, type, key, value)]."""
+    """Every event under the lab's network prefix, stamped on arrival by bench.stampwatch:
+    [(time seen, PUT|DELETE, key, value)]."""
 
-    def __init__(self, lab: Lab):
+    def __init__(self, lab: Lab, timeout: float = 30.0):
         self.lab = lab
-        argv = ["etcdctl", "--endpoints", ",".join(lab.etcd_endpoints), "watch", "--prefix",
-                lab.prefix.rstrip("/") + "/"]
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.DEVNULL, text=True, bufsize=1)
-        self.stream = LineStream(process, lambda line: (time.time(), line))
-        probe = lab.prefix.rstrip("/") + "/bench-probe"
-        started = time.monotonic()
-        while True:   # a put made before the watch is registered is never reported: repeat it
-            lab.etcdctl("put", probe, str(time.time()))
-            try:
-                wait_until(lambda: any(key == probe for _, _, key, _ in self.events()),
-                           time.monotonic() + 1.0, "etcdctl watch live")
-                break
-            except Exception:
-                if time.monotonic() - started > 30:
-                    raise
-        lab.etcdctl("del", probe)
+        process = subprocess.Popen([sys.executable, "-m", "bench.stampwatch", lab.etcd_endpoints[0],
+                                    lab.prefix.rstrip("/") + "/"],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                   text=True, bufsize=1)
+        self.created = threading.Event()
+        self.stream = LineStream(process, self._parse)
+        if not self.created.wait(timeout):
+            self.stop()
+            raise RuntimeError("the etcd watch (bench.stampwatch) was not created")
+
+    def _parse(self, line: str):
+        if line == "CREATED":
+            self.created.set()
+            return None
+        stamp, kind, key, value = line.split("\t", 3)
+        return float(stamp), kind, key, value
 
     def events(self, start: int = 0) -> list[tuple[float, str, str, str]]:
-        """Complete events (type, key, value lines all read), each stamped at its first line."""
-        lines = self.stream.since(0)
-        events = []
-        index = 0
-        while index + 2 < len(lines):
-            stamp, kind = lines[index]
-            if kind in ("PUT", "DELETE"):
-                events.append((stamp, kind, lines[index + 1][1], lines[index + 2][1]))
-                index += 3
-            else:
-                index += 1
-        return events[start:]
+        return self.stream.since(start)
 
     def stop(self) -> None:
         self.stream.stop()
@@ -253,7 +243,7 @@ def join_once(lab: Lab, host: LabHost, watch: EtcdWatch, monitors: dict[str, Ker
             raise RuntimeError(f"join of {host.name} not converged after {deadline:.0f} s: lease "
                                f"{'seen' if lease else 'never seen'}, ready {ready_at is not None}, "
                                f"missing {missing}; log:\n{lab.daemon_log(host)}")
-        time.sleep(0.01)
+        time.sleep(0.02)
     t_lease = lease[0]
     per_observer = {name: max(kinds.values()) - t_lease for name, kinds in seen.items()}
     result = {
