@@ -14,10 +14,12 @@ Design notes
       same neighbour group (family AF_BRIDGE) and print as `<dst> dev flannel.1 lladdr <mac>`. A
       probe neighbour on eth0 proves each monitor is live. No polling, so nothing competes with
       the daemons for the two CPUs, and the stamp is the kernel event, not when we looked.
-  Our watcher is one more etcd client, so it can hear of a lease a little after a daemon did (a
-  first kernel object then appears "before" the lease, by that much, about a millisecond on a
-  calm machine); earliest_object_s in each join shows it.
-  Per join: t_lease (watch saw the newcomer's PUT); for each observer the time its last of the
+  Our watcher is one more etcd client in one more process, so on a loaded machine it can hear of
+  a lease a few ms after a daemon has already programmed it. So t_lease is the first moment
+  anyone shows the lease (our watch, or any observer's first kernel object): it cannot be before
+  the etcd commit, and it is never later than our watch. Each join also keeps the figure from
+  the watch stamp alone (converged_all_from_watch_s) and how late the watch was (watch_late_s).
+  Per join: t_lease (above); for each observer the time its last of the
   three objects appeared; convergence = the latest observer - t_lease ("present on every other
   host"); the median observer is kept too. Ready = start_daemon() to /readyz answering 200
   (polled every 10 ms, so it includes the interpreter's start-up), with the daemon's own
@@ -244,7 +246,10 @@ def join_once(lab: Lab, host: LabHost, watch: EtcdWatch, monitors: dict[str, Ker
                                f"{'seen' if lease else 'never seen'}, ready {ready_at is not None}, "
                                f"missing {missing}; log:\n{lab.daemon_log(host)}")
         time.sleep(0.02)
-    t_lease = lease[0]
+    # The lease was in etcd no later than the first moment anyone shows it: our watch, or a
+    # daemon's kernel object (our watcher can hear of it a few ms after the daemons did).
+    watch_at = lease[0]
+    t_lease = min([watch_at] + [min(kinds.values()) for kinds in seen.values()])
     per_observer = {name: max(kinds.values()) - t_lease for name, kinds in seen.items()}
     result = {
         "host": host.name, "subnet": subnet,
@@ -253,7 +258,8 @@ def join_once(lab: Lab, host: LabHost, watch: EtcdWatch, monitors: dict[str, Ker
         "ready_self_reported_s": _daemon_reported_ready(lab, host),
         "converged_all_s": max(per_observer.values()) if per_observer else 0.0,
         "converged_median_observer_s": sorted(per_observer.values())[len(per_observer) // 2] if per_observer else 0.0,
-        "earliest_object_s": min((min(kinds.values()) - t_lease for kinds in seen.values()), default=0.0),
+        "converged_all_from_watch_s": max(per_observer.values()) + t_lease - watch_at if per_observer else 0.0,
+        "watch_late_s": watch_at - t_lease,
     }
     # Leave: lease deleted by hand (SIGTERM leaves it), every observer removes all three objects.
     lab.stop_daemon(host)

@@ -229,7 +229,7 @@ def reconcile_breakdown(lab: Lab, host: LabHost, size: int, repeats: int = 5) ->
     netlink reader, timed here in-process against the host's programmed kernel (read-only).
 
     A reconcile is desired_state() + Kernel.read_state() + plan() (+ apply of what changed, a
-    few objects for one change). Timed here on the same kernel state, these show which part
+    few objects for one change) + the host checks (iptables rules, the nft VXLAN source set). Timed here on the same kernel state, these show which part
     grows with the number of peers."""
     from overlay.config import parse_config
     from overlay.dataplane import Underlay, desired_state, plan, vtep_mac
@@ -242,7 +242,9 @@ def reconcile_breakdown(lab: Lab, host: LabHost, size: int, repeats: int = 5) ->
     own = Lease(own_subnet, LeaseAttrs(host.public_ip, vni, vtep_mac(host.public_ip, vni)), 1, 1)
     peers = [Lease(p.subnet, LeaseAttrs(p.public_ip, vni, p.mac), 0, 2 + i) for i, p in enumerate(fake_peers(0, size))]
     underlay = Underlay("eth0", host.public_ip, 1500)
-    timings: dict[str, list[float]] = {"desired_state_ms": [], "read_state_ms": [], "plan_ms": []}
+    from overlay import firewall
+    timings: dict[str, list[float]] = {"desired_state_ms": [], "read_state_ms": [], "plan_ms": [],
+                                       "vxlan_filter_read_ms": [], "firewall_check_ms": []}
     left = 0
     with Kernel(host.netns) as kernel:
         for _ in range(repeats):
@@ -256,6 +258,14 @@ def reconcile_breakdown(lab: Lab, host: LabHost, size: int, repeats: int = 5) ->
             timings["desired_state_ms"].append((t1 - t0) * 1000)
             timings["read_state_ms"].append((t2 - t1) * 1000)
             timings["plan_ms"].append((t3 - t2) * 1000)
+            # The host-level checks every reconcile also makes: the nft VXLAN source set (one
+            # element per peer) read back, and the iptables rules checked.
+            firewall.vxlan_filter_sources(netns=host.netns)
+            t4 = time.perf_counter()
+            firewall.rules_present(netns=host.netns)
+            t5 = time.perf_counter()
+            timings["vxlan_filter_read_ms"].append((t4 - t3) * 1000)
+            timings["firewall_check_ms"].append((t5 - t4) * 1000)
             left = len(changes.describe())
     out = {key: summary(values, digits=2) for key, values in timings.items()}
     out["plan_changes_left"] = left    # 0: the kernel matched what the daemon wants
@@ -318,7 +328,10 @@ def run(results_dir, options: ScaleOptions | None = None, progress: Progress | N
                 progress(f"{size} peers: one reconcile = desired_state "
                          f"{entry['reconcile_breakdown']['desired_state_ms'].get('median', 0):.1f} ms + read_state "
                          f"{entry['reconcile_breakdown']['read_state_ms'].get('median', 0):.1f} ms + plan "
-                         f"{entry['reconcile_breakdown']['plan_ms'].get('median', 0):.1f} ms (timed in-process)")
+                         f"{entry['reconcile_breakdown']['plan_ms'].get('median', 0):.1f} ms + nft set read "
+                         f"{entry['reconcile_breakdown']['vxlan_filter_read_ms'].get('median', 0):.1f} ms + iptables "
+                         f"check {entry['reconcile_breakdown']['firewall_check_ms'].get('median', 0):.1f} ms "
+                         f"(timed in-process)")
                 pid = lab.daemon_pid(host)
                 entry["rss_mb_live"] = proc_status(pid)
                 progress(f"{size} peers: idle CPU over {options.idle_seconds:.0f} s")
