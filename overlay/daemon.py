@@ -520,12 +520,15 @@ class Daemon:
         """Keep the etcd lease alive well before it expires; notice quickly if it was lost."""
         ttl = self.settings.lease_ttl
         interval = max(0.5, min(ttl / 3, 60.0))
+        # A member that hangs (neither answers nor resets the connection) costs one attempt's
+        # wait before the next member is tried: keep interval + that wait well inside the TTL.
+        attempt_timeout = max(0.2, min(2.0, ttl / 6))
         while True:
             await asyncio.sleep(interval)
             if self.lease_lost.is_set() or self.own is None:
                 continue
             try:
-                left = await self.store.keepalive(self.own.lease_id)
+                left = await self.store.keepalive(self.own.lease_id, attempt_timeout)
                 self.status.store_reachable = True
                 if left <= 0:
                     log.warning("etcd lease of %s expired: re-acquiring", self.own.subnet)

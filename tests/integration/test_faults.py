@@ -239,11 +239,7 @@ def etcd_member_used_by(lab: Lab, host) -> int:
     return used[0]
 
 
-@pytest.mark.parametrize("ttl", [
-    pytest.param(3, marks=pytest.mark.xfail(strict=False, reason=(
-        "daemon bug: renewal every ttl/3 (1 s) with a 2 s attempt timeout on a hung member reaches a live "
-        "member only ttl seconds after the last renewal, so a 3 s lease lapses (see the report)"))),
-    6])
+@pytest.mark.parametrize("ttl", [3, 6])
 def test_a_hung_etcd_member_loses_no_lease(lab, ttl):
     """SIGSTOP rather than SIGKILL: a member that hangs (a stuck disk, a black hole) answers nothing
     and resets no connection, so the daemon notices only through its own timeouts."""
