@@ -24,6 +24,13 @@ Design notes
   and the namespaces, then removes the state dir, and checks that nothing is left. So `down` works
   after a crash, after a `kill -9` of everything, and after an `up` that stopped half-way (which
   `up` itself also rolls back when it fails in-process).
+- etcd with TLS (`up(etcd_tls=True)`, `lab up --etcd-tls`): the lab makes its own CA, one server
+  certificate for every member's underlay IP and one client certificate (make_test_pki, under
+  <state dir>/pki, 0700, keys 0600); members serve https with client-cert-auth, and everything
+  the lab runs against etcd (the daemons' --etcd-cafile/--etcd-certfile/--etcd-keyfile, its own
+  etcdctl, etcd_settings() behind `overlayctl leases --lab`) presents that client certificate.
+  Peers stay plain http on the underlay (etcd_server's choice). A fresh CA per lab means a
+  certificate of one lab is refused by every other.
 - Processes (etcd members, daemons) are started detached: own session, stdin from /dev/null,
   output appended to a log in the state dir, pid recorded. A lab outlives the `overlayctl lab up`
   that made it; a `Lab` object in a test is just a handle on the same state and also reaps the
@@ -57,12 +64,12 @@ Design notes
 The API at a glance (the CLI, the demo, the tests and the benchmarks all use it):
 
     with Lab("t1") as lab:                  # leaving the block always tears the lab down
-        lab.up(hosts=3, etcd_members=1)     # network=, subnet_lease_ttl=, start_daemons=, daemon_args=
+        lab.up(hosts=3, etcd_members=1)     # network=, subnet_lease_ttl=, start_daemons=, daemon_args=, etcd_tls=
         lab.wait_converged(timeout=60)      # wait_ready(); then a VXLAN route to every peer everywhere
         lab.reachability()                  # {(from, to): rtt ms or None} over the overlay
         lab.exec("h1", ["ip", "route"])     # spawn() for background work; nsenter=True for runtimes
         lab.restart("h2"); lab.stop_daemon("h2", sig); lab.kill_daemon("h2"); lab.start_daemon("h2")
-        lab.add_host(); lab.remove_host("h3"); lab.status(); lab.etcdctl("get", ...); lab.etcd_settings()
+        lab.add_host(); lab.remove_host("h3"); lab.status(); lab.etcdctl("get", ...); lab.etcd_settings(); lab.etcd_tls
         lab.add_container("h1"); lab.remove_container("h1c1"); lab.containers  # also up(containers=M)
         lab.move_container("h1c1", "h3")    # same netns, same address: DEL on h1, ADD with IP= on h3
         lab.container_reachability(); lab.masquerade_probe("h1c1"); lab.detach_containers()
@@ -93,7 +100,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from .config import DEFAULT_VNI, DEFAULT_VXLAN_PORT, parse_config
 from .errors import ConfigError, OverlayError
-from .etcd_server import EtcdMember, EtcdProcess, start_cluster, stop_cluster
+from .etcd_server import EtcdMember, EtcdProcess, EtcdTLS, make_test_pki, start_cluster, stop_cluster
 from .lease import DEFAULT_PREFIX, config_key
 
 LAB_ROOT = Path(os.environ.get("OVERLAY_LAB_ROOT", "/run/overlay-lab"))
@@ -403,22 +410,58 @@ class LabHost:
 
 
 @dataclass(frozen=True)
+class LabEtcdTLS:
+    """The files of a lab whose etcd speaks TLS to clients and wants their certificates: one CA,
+    one server certificate for every member's underlay IP (it allows client auth too, so a
+    member's own pair probes its health), and the client certificate the daemons, etcdctl and
+    `overlayctl leases --lab` present. All under <state dir>/pki, keys 0600."""
+    ca_file: Path
+    cert_file: Path          # the client's
+    key_file: Path
+    server_cert_file: Path
+    server_key_file: Path
+
+    def server(self) -> EtcdTLS:
+        return EtcdTLS(self.server_cert_file, self.server_key_file, self.ca_file)
+
+    def client_flags(self, style: str = "overlayd") -> list[str]:
+        """The client's flags for overlayd/overlayctl (`--etcd-cafile ...`) or for etcdctl (`--cacert ...`)."""
+        names = (("--cacert", "--cert", "--key") if style == "etcdctl"
+                 else ("--etcd-cafile", "--etcd-certfile", "--etcd-keyfile"))
+        return [item for name, path in zip(names, (self.ca_file, self.cert_file, self.key_file))
+                for item in (name, str(path))]
+
+    def to_state(self) -> dict:
+        return {"ca_file": str(self.ca_file), "cert_file": str(self.cert_file), "key_file": str(self.key_file),
+                "server_cert_file": str(self.server_cert_file), "server_key_file": str(self.server_key_file)}
+
+    @classmethod
+    def from_state(cls, raw: dict | None) -> "LabEtcdTLS | None":
+        if not raw:
+            return None
+        return cls(Path(raw["ca_file"]), Path(raw["cert_file"]), Path(raw["key_file"]),
+                   Path(raw["server_cert_file"]), Path(raw["server_key_file"]))
+
+
+@dataclass(frozen=True)
 class LabEtcdMember:
     name: str            # "e1"
     netns: str
     ip: IPv4Address
     data_dir: Path
+    tls: LabEtcdTLS | None = None
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.ip}:{ETCD_CLIENT_PORT}"
+        return f"{'https' if self.tls else 'http'}://{self.ip}:{ETCD_CLIENT_PORT}"
 
     @property
     def peer_url(self) -> str:
         return f"http://{self.ip}:{ETCD_PEER_PORT}"
 
     def member(self) -> EtcdMember:
-        return EtcdMember(self.name, self.client_url, self.peer_url, self.data_dir, netns=self.netns)
+        return EtcdMember(self.name, self.client_url, self.peer_url, self.data_dir, netns=self.netns,
+                          tls=self.tls.server() if self.tls else None)
 
 
 @dataclass(frozen=True)
@@ -530,8 +573,14 @@ class Lab:
         return [LabHost.from_state(raw) for raw in self.state["hosts"]]
 
     @property
+    def etcd_tls(self) -> LabEtcdTLS | None:
+        """The lab's TLS files when its etcd wants client certificates (`up(etcd_tls=True)`), else None."""
+        return LabEtcdTLS.from_state(self.state["etcd"].get("tls"))
+
+    @property
     def etcd_members(self) -> list[LabEtcdMember]:
-        return [LabEtcdMember(raw["name"], raw["netns"], IPv4Address(raw["ip"]), Path(raw["data_dir"]))
+        tls = self.etcd_tls
+        return [LabEtcdMember(raw["name"], raw["netns"], IPv4Address(raw["ip"]), Path(raw["data_dir"]), tls)
                 for raw in self.state["etcd"]["members"]]
 
     @property
@@ -555,7 +604,11 @@ class Lab:
     def etcd_settings(self):
         """EtcdSettings for a client in the root namespace (reaches the members over the bridge)."""
         from .etcd import EtcdSettings
-        return EtcdSettings.from_flags(",".join(self.etcd_endpoints), self.prefix, None, None, None)
+        tls = self.etcd_tls
+        if tls is None:
+            return EtcdSettings.from_flags(",".join(self.etcd_endpoints), self.prefix)
+        return EtcdSettings.from_flags(",".join(self.etcd_endpoints), self.prefix,
+                                       tls.ca_file, tls.cert_file, tls.key_file)
 
     # ---------------------------------------------------------------- up
 
@@ -563,14 +616,16 @@ class Lab:
            subnet_lease_ttl: int | None = None, network_config: str | None = None,
            start_daemons: bool = True, daemon_args: Sequence[str] = (),
            prefix: str = DEFAULT_PREFIX, etcd_timeout: float = 30.0, containers: int = 0,
-           timeout: float = 90.0) -> "Lab":
+           timeout: float = 90.0, etcd_tls: bool = False) -> "Lab":
         """Make the underlay, start etcd, store the network config, make hosts, start daemons.
 
         Returns once the daemons are started (see wait_ready); with containers=M, once M
         containers per host are attached through the plugin (which needs the daemons ready, so
         that waits up to `timeout` s). Any failure rolls back everything made so far before the
         error propagates. network_config, when given, is stored verbatim instead of the config
-        built from `network` (it is still validated first).
+        built from `network` (it is still validated first). etcd_tls: the members serve clients
+        over TLS and refuse any without a certificate from the lab's own CA (made here, see
+        LabEtcdTLS); the daemons, etcdctl and etcd_settings() present the lab's client certificate.
         """
         if os.geteuid() != 0:
             raise LabError("the lab needs root (network namespaces, veth, bridge)")
@@ -580,7 +635,7 @@ class Lab:
             raise LabError("etcd members: 1 or 3 (at most 9)")
         if containers < 0 or (containers and not start_daemons):
             raise LabError("containers: a number >= 0, and only with the daemons started (they serve the plugin)")
-        for tool in ("ip", "etcd", "etcdctl"):
+        for tool in ("ip", "etcd", "etcdctl") + (("openssl",) if etcd_tls else ()):
             if shutil.which(tool) is None:
                 raise LabError(f"{tool} not found on PATH (run scripts/bootstrap, or `make demo`)")
         raw_config = network_config or json.dumps(
@@ -605,7 +660,7 @@ class Lab:
                                  "gateway": str(underlay.network_address + GATEWAY_HOST)},
                     "daemon": {"argv": self.daemon_argv, "subnet_lease_ttl": subnet_lease_ttl,
                                "extra_args": list(daemon_args), "healthz_port": HEALTHZ_PORT},
-                    "etcd": {"members": [], "pids": {}},
+                    "etcd": {"members": [], "pids": {}, "tls": None},
                     "hosts": [],
                     "containers": [],
                 }
@@ -613,7 +668,7 @@ class Lab:
                 _ip_batch([f"link add {self.bridge} type bridge",
                            f"addr add {self.gateway}/{underlay.prefixlen} dev {self.bridge}",
                            f"link set {self.bridge} up"])
-            self._start_etcd(etcd_members, etcd_timeout)
+            self._start_etcd(etcd_members, etcd_timeout, etcd_tls)
             self.put_config(raw_config)
             self._make_hosts(hosts)
             if start_daemons:
@@ -654,11 +709,12 @@ class Lab:
                        f"link set {HOST_IFACE} up",
                        f"route add default via {self.gateway}"], netns=netns)
 
-    def _start_etcd(self, count: int, timeout: float) -> None:
-        members = [LabEtcdMember(f"e{index}", f"ovl-{self.name}-e{index}",
-                                 self._address(FIRST_ETCD_HOST + index - 1),
-                                 self.state_dir / "etcd" / f"e{index}.etcd")
-                   for index in range(1, count + 1)]
+    def _start_etcd(self, count: int, timeout: float, tls: bool = False) -> None:
+        addresses = [self._address(FIRST_ETCD_HOST + index - 1) for index in range(1, count + 1)]
+        lab_tls = self._make_pki(addresses) if tls else None
+        members = [LabEtcdMember(f"e{index}", f"ovl-{self.name}-e{index}", address,
+                                 self.state_dir / "etcd" / f"e{index}.etcd", lab_tls)
+                   for index, address in enumerate(addresses, start=1)]
         self.state["etcd"]["members"] = [{"name": m.name, "netns": m.netns, "ip": str(m.ip),
                                           "data_dir": str(m.data_dir)} for m in members]
         self._save()
@@ -669,17 +725,35 @@ class Lab:
         self.state["etcd"]["pids"] = {process.member.name: process.pid for process in self.etcd_processes}
         self._save()
 
+    def _make_pki(self, member_ips: Sequence[IPv4Address]) -> LabEtcdTLS:
+        """A fresh CA, a server certificate for the member IPs and a client certificate, under
+        <state dir>/pki (0700, made before any key is written; make_test_pki makes each key 0600).
+        Nothing outside the state dir, so tear-down's removal of that dir takes them along."""
+        directory = self.state_dir / "pki"
+        directory.mkdir(mode=0o700, exist_ok=True)
+        directory.chmod(0o700)   # mkdir's mode is filtered by the umask
+        pki = make_test_pki(directory, [str(ip) for ip in member_ips])
+        made = LabEtcdTLS(pki.ca_cert, pki.client_cert, pki.client_key, pki.server_cert, pki.server_key)
+        self.state["etcd"]["tls"] = made.to_state()
+        self._save()
+        return made
+
     def put_config(self, raw_config: str) -> None:
         """Store a network config (verbatim, not validated: tests store bad ones on purpose)."""
-        _run(["etcdctl", "--endpoints", ",".join(self.etcd_endpoints), "--command-timeout", "5s",
-              "put", config_key(self.prefix), raw_config], timeout=15)
+        self.etcdctl("put", config_key(self.prefix), raw_config)
         self.state["network_config"] = raw_config
         self._save()
 
+    def etcdctl_argv(self, *args: str) -> list[str]:
+        """etcdctl (v3) against the lab's etcd from the root namespace, with the lab's client
+        certificate when its etcd wants one."""
+        tls = self.etcd_tls
+        return ["etcdctl", "--endpoints", ",".join(self.etcd_endpoints), "--command-timeout", "5s",
+                *(tls.client_flags("etcdctl") if tls else []), *args]
+
     def etcdctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """Run etcdctl (v3) against the lab's etcd from the root namespace."""
-        return _run(["etcdctl", "--endpoints", ",".join(self.etcd_endpoints), "--command-timeout", "5s",
-                     *args], check=check, timeout=15)
+        return _run(self.etcdctl_argv(*args), check=check, timeout=15)
 
     def _make_hosts(self, count: int) -> list[LabHost]:
         used = {host.index for host in self.hosts}
@@ -726,8 +800,11 @@ class Lab:
 
     # ---------------------------------------------------------------- daemons
 
-    def daemon_command(self, host: LabHost, extra_args: Sequence[str] = ()) -> list[str]:
+    def daemon_command(self, host: LabHost, extra_args: Sequence[str] = (), etcd_tls_flags: bool = True) -> list[str]:
+        """The argv that starts the host's overlayd. With a TLS etcd it carries the lab's client
+        certificate, unless etcd_tls_flags=False (a test of a daemon that lacks it)."""
         daemon = self.state["daemon"]
+        tls = self.etcd_tls
         argv = ["ip", "netns", "exec", host.netns, *daemon.get("argv", self.daemon_argv),
                 "--etcd-endpoints", ",".join(self.etcd_endpoints),
                 "--etcd-prefix", self.prefix,
@@ -737,16 +814,19 @@ class Lab:
                 "--ip-masq",
                 "--healthz-ip", str(host.public_ip),
                 "--healthz-port", str(daemon.get("healthz_port", HEALTHZ_PORT))]
+        if tls is not None and etcd_tls_flags:
+            argv += tls.client_flags()
         if daemon.get("subnet_lease_ttl"):
             argv += ["--subnet-lease-ttl", str(daemon["subnet_lease_ttl"])]
         return argv + list(daemon.get("extra_args", [])) + list(extra_args)
 
-    def start_daemon(self, which: "str | int | LabHost", extra_args: Sequence[str] = ()) -> int:
+    def start_daemon(self, which: "str | int | LabHost", extra_args: Sequence[str] = (),
+                     etcd_tls_flags: bool = True) -> int:
         """Start overlayd in the host's namespace, detached; returns its pid."""
         host = self.host(which)
         if self.daemon_pid(host) is not None:
             raise LabError(f"{host.name}: overlayd is already running (pid {self.daemon_pid(host)})")
-        argv = self.daemon_command(host, extra_args)
+        argv = self.daemon_command(host, extra_args, etcd_tls_flags)
         host.run_dir.mkdir(parents=True, exist_ok=True)
         host.log_path.parent.mkdir(parents=True, exist_ok=True)
         # The operator's OVERLAY_* settings are for their own daemon, not the lab's.
@@ -797,6 +877,10 @@ class Lab:
 
     def daemon_log(self, which: "str | int | LabHost", lines: int = 30) -> str:
         return _log_tail(self.host(which).log_path, lines)
+
+    def etcd_log(self, member: str = "e1", lines: int = 30) -> str:
+        """The tail of an etcd member's log (where it says why it rejected a client's connection)."""
+        return _log_tail(self.state_dir / "logs" / f"{member}.log", lines)
 
     def _set_host_field(self, host: LabHost, field: str, value: Any) -> None:
         for raw in self.state["hosts"]:
@@ -861,6 +945,7 @@ class Lab:
         vxlan_device = self.vxlan_device
         members = self.etcd_members
         pids = self.state["etcd"].get("pids", {})
+        tls = self.etcd_tls
         return {
             "name": self.name,
             "phase": self.state.get("phase"),
@@ -871,6 +956,11 @@ class Lab:
                 "endpoints": self.etcd_endpoints,
                 "netns": [member.netns for member in members],
                 "prefix": self.prefix,
+                "tls": tls is not None,
+                # What a client needs (the flags of overlayd and overlayctl take these paths).
+                "ca_file": str(tls.ca_file) if tls else None,
+                "cert_file": str(tls.cert_file) if tls else None,
+                "key_file": str(tls.key_file) if tls else None,
                 "members": [{"name": member.name, "netns": member.netns, "client_url": member.client_url,
                              "pid": pids.get(member.name) if pid_in_netns(pids.get(member.name), member.netns)
                              else None}

@@ -1,12 +1,12 @@
 """`overlayctl lab`: several simulated hosts on this machine (see overlay/lab.py for the design).
 
-    overlayctl lab up --hosts 3 [--containers M] [--etcd-members 1|3] [--name lab]
+    overlayctl lab up --hosts 3 [--containers M] [--etcd-members 1|3] [--etcd-tls] [--name lab]
                       [--network 10.244.0.0/16] [--subnet-lease-ttl S] [--no-wait]
     overlayctl lab status [--name lab] [--json]
     overlayctl lab restart HOST [--name lab]
     overlayctl lab move CONTAINER HOST [--name lab]   (keeps the container's namespace and address)
     overlayctl lab down [--name lab | --all]
-    overlayctl lab demo [--name lab] [--hosts 3] [--containers 2]   (what `make demo` runs)
+    overlayctl lab demo [--name lab] [--hosts 3] [--containers 2] [--etcd-tls]   (what `make demo` runs)
 
 The commands are thin: every step is a `Lab` method, so tests and benchmarks drive the same code.
 A lab outlives the command that made it; `lab down` removes it from whatever state it is in.
@@ -36,6 +36,22 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
 
+_etcd_tls_option = click.option(
+    "--etcd-tls", is_flag=True,
+    help="etcd serves clients over TLS and refuses any without a certificate: the lab makes a CA, a "
+         "server and a client certificate (in its state dir) and gives every client the latter")
+
+
+def _etcd_summary(handle: Lab) -> str:
+    """The endpoints, and with TLS the client files an operator passes to overlayd or etcdctl."""
+    endpoints = ",".join(handle.etcd_endpoints)
+    tls = handle.etcd_tls
+    if tls is None:
+        return endpoints
+    return (f"{endpoints} (TLS with client certificates: CA {tls.ca_file}, client certificate "
+            f"{tls.cert_file}, key {tls.key_file})")
+
+
 def _warn() -> None:
     for warning in underlay_warnings():
         click.echo(f"warning: {warning}", err=True)
@@ -63,24 +79,26 @@ def lab() -> None:
               help="containers per host, attached through the CNI plugin as a runtime does")
 @click.option("--etcd-members", default="1", show_default=True, type=click.Choice(["1", "3"]),
               help="etcd cluster size")
+@_etcd_tls_option
 @_name_option
 @click.option("--network", default=DEFAULT_NETWORK, show_default=True, help="the overlay network (flannel Network)")
 @click.option("--subnet-lease-ttl", type=click.IntRange(2), default=None,
               help="seconds a subnet lease lives unless renewed (daemon default: 24 h)")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="wait until every daemon is ready")
 @click.option("--timeout", default=90.0, show_default=True, help="seconds to wait for readiness")
-def up(hosts: int, containers: int, etcd_members: str, name: str, network: str, subnet_lease_ttl: int | None,
-       wait: bool, timeout: float) -> None:
+def up(hosts: int, containers: int, etcd_members: str, etcd_tls: bool, name: str, network: str,
+       subnet_lease_ttl: int | None, wait: bool, timeout: float) -> None:
     """Make the lab: underlay bridge, etcd, hosts, one overlayd each, and M containers per host."""
     started = time.monotonic()
     _warn()
     try:
         handle = Lab(name)
         handle.up(hosts=hosts, etcd_members=int(etcd_members), network=network,
-                  subnet_lease_ttl=subnet_lease_ttl, containers=containers, timeout=timeout)
+                  subnet_lease_ttl=subnet_lease_ttl, containers=containers, timeout=timeout,
+                  etcd_tls=etcd_tls)
     except LabError as exc:
         _fail(exc)
-    click.echo(f"lab {name}: underlay {handle.underlay} on {handle.bridge}, etcd {','.join(handle.etcd_endpoints)}, "
+    click.echo(f"lab {name}: underlay {handle.underlay} on {handle.bridge}, etcd {_etcd_summary(handle)}, "
                f"{hosts} host(s) started in {time.monotonic() - started:.1f} s")
     if containers and hosts:
         click.echo(f"{len(handle.containers)} container(s) attached through the CNI plugin: "
@@ -109,7 +127,7 @@ def status(name: str, as_json: bool) -> None:
         return
     etcd = report["etcd"]
     click.echo(f"lab {name} ({report['phase']}): underlay {report['underlay']['cidr']} on "
-               f"{report['underlay']['bridge']}; etcd {','.join(etcd['endpoints'])} prefix {etcd['prefix']}")
+               f"{report['underlay']['bridge']}; etcd {_etcd_summary(handle)} prefix {etcd['prefix']}")
     rows = [["HOST", "NETNS", "PUBLIC IP", "SUBNET", "DEVICE", "DAEMON PID", "READY"]]
     for host in report["hosts"]:
         rows.append([host["name"], host["netns"], host["public_ip"], host["subnet"] or "-", host["vxlan_device"],
@@ -183,8 +201,9 @@ def down(name: str, every: bool) -> None:
 @click.option("--containers", default=2, show_default=True, type=click.IntRange(0, 10),
               help="containers per host, attached through the CNI plugin")
 @click.option("--timeout", default=120.0, show_default=True, help="seconds to wait for the overlay to converge")
+@_etcd_tls_option
 @click.pass_context
-def demo(ctx: click.Context, name: str, hosts: int, containers: int, timeout: float) -> None:
+def demo(ctx: click.Context, name: str, hosts: int, containers: int, timeout: float, etcd_tls: bool) -> None:
     """Bring up a fresh lab with containers, show its leases, host-to-host and container-to-container
     reachability over the overlay, and a container reaching the underlay through masquerade."""
     started = time.monotonic()
@@ -193,11 +212,12 @@ def demo(ctx: click.Context, name: str, hosts: int, containers: int, timeout: fl
         if removed:
             click.echo(f"removed a leftover lab {name} ({len(removed)} namespaces/links)")
         _warn()
-        click.echo(f"starting lab {name}: etcd and {hosts} hosts, each running overlayd"
+        click.echo(f"starting lab {name}: etcd{' with TLS and client certificates' if etcd_tls else ''} "
+                   f"and {hosts} hosts, each running overlayd"
                    + (f", with {containers} containers each attached through the CNI plugin" if containers else "")
                    + " ...")
-        handle = Lab(name).up(hosts=hosts, containers=containers, timeout=timeout)
-        click.echo(f"  underlay {handle.underlay} on bridge {handle.bridge}; etcd at {','.join(handle.etcd_endpoints)}")
+        handle = Lab(name).up(hosts=hosts, containers=containers, timeout=timeout, etcd_tls=etcd_tls)
+        click.echo(f"  underlay {handle.underlay} on bridge {handle.bridge}; etcd at {_etcd_summary(handle)}")
         for host in handle.hosts:
             attached = ", ".join(f"{c.name} {c.address}" for c in handle.containers if c.host == host.name)
             click.echo(f"  {host.name}: namespace {host.netns}, eth0 {host.public_ip}"
