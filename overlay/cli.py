@@ -16,7 +16,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 from ipaddress import IPv4Address
 from pathlib import Path
 

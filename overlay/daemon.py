@@ -44,7 +44,7 @@ from . import firewall, sdnotify
 from .config import NetworkConfig, parse_config
 from .claimhook import ClaimFollower, ClaimHook, ClaimKeeper
 from .dataplane import DataplaneState, Underlay, desired_state, plan, vtep_mac, vxlan_sources
-from .errors import (ConfigError, LeaseLost, LeaseParseError, OverlayError, StoreError, StoreUnavailable,
+from .errors import (ConfigError, LeaseLost, OverlayError, StoreError, StoreUnavailable,
                      SubnetsExhausted, WatchCompacted)
 from .etcd import EtcdSettings, EtcdStore, LeaseEvent
 from .health import DaemonStatus, serve_health

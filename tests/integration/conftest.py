@@ -19,3 +19,12 @@ def etcd3(tmp_path):
     """A real three-member etcd cluster on 127.0.0.1; yields the EtcdProcess objects."""
     with running_etcd(tmp_path / "etcd3", members=3) as processes:
         yield processes
+
+
+@pytest.fixture
+def lab(request):
+    """A fresh lab (no hosts yet), torn down after the test. A test module's LAB_LETTER starts
+    the lab's name, so leftovers (if teardown ever failed) tell which file made them."""
+    from tests.support.lab import fresh_lab
+    with fresh_lab(getattr(request.module, "LAB_LETTER", "l")) as handle:
+        yield handle

@@ -10,7 +10,6 @@ its host's masquerade, and nothing of the lab left after `down`, also after the 
 from __future__ import annotations
 
 import json
-import secrets
 import subprocess
 import sys
 import time
@@ -21,22 +20,16 @@ import pytest
 
 from overlay.lab import LAB_ROOT, Lab, LabError, lab_names, list_links, list_netns, teardown
 from tests.support.cni import allocations, host_veths, ip_json
+from tests.support.lab import unique_lab_name
 
 OVERLAYCTL = str(Path(sys.executable).parent / "overlayctl")
 
 
 def lab_name() -> str:
-    return "m" + "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(3))
+    return unique_lab_name(LAB_LETTER)
 
 
-@pytest.fixture
-def lab():
-    name = lab_name()
-    try:
-        with Lab(name) as handle:
-            yield handle
-    finally:
-        teardown(name)
+LAB_LETTER = "m"
 
 
 def leftovers(name: str) -> list[str]:

@@ -20,24 +20,18 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from cni.runtime import Attachment, PluginFailed
-from overlay.lab import Lab, LabError, teardown, wait_until
+from overlay.lab import Lab, LabError, wait_until
 from overlay.lease import DEFAULT_PREFIX
+from tests.support.lab import unique_lab_name
 
 CLAIMS = f"{DEFAULT_PREFIX}/claims/"
 
 
 def lab_name() -> str:
-    return "m" + "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(3))
+    return unique_lab_name(LAB_LETTER)
 
 
-@pytest.fixture
-def lab():
-    name = lab_name()
-    try:
-        with Lab(name) as handle:
-            yield handle
-    finally:
-        teardown(name)
+LAB_LETTER = "m"
 
 
 def claims(lab: Lab) -> dict[str, dict]:

@@ -10,13 +10,12 @@ tests/support/podman.py; nothing of the machine's own is read or left changed.
 
 from __future__ import annotations
 
-import secrets
 import time
 from ipaddress import IPv4Address
 
 import pytest
 
-from overlay.lab import CNI_NETWORK_NAME, Lab, list_netns, teardown
+from overlay.lab import CNI_NETWORK_NAME, list_netns
 from tests.support.cni import allocations, host_veths
 from tests.support.podman import Podman, missing_tools
 
@@ -25,14 +24,7 @@ pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"podman test needs {', '.
                                                       "(apt-get install podman runc busybox-static)")
 
 
-@pytest.fixture
-def lab():
-    name = "p" + "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(3))
-    try:
-        with Lab(name) as handle:
-            yield handle
-    finally:
-        teardown(name)
+LAB_LETTER = "p"
 
 
 @pytest.fixture

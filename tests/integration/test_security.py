@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import stat
 import subprocess
 import sys
@@ -30,11 +29,11 @@ import time
 from ipaddress import IPv4Address
 from pathlib import Path
 
-import pytest
 
 from overlay import firewall
-from overlay.lab import Lab, teardown, wait_until
+from overlay.lab import Lab
 from overlay.lease import subnet_key
+from tests.support.lab import wait_for
 
 PREFIX = "/coreos.com/network"
 VXLAN_PORT = 8472
@@ -73,18 +72,7 @@ while True:
 """
 
 
-@pytest.fixture
-def lab():
-    name = "s" + "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(3))
-    try:
-        with Lab(name) as handle:
-            yield handle
-    finally:
-        teardown(name)
-
-
-def wait_for(predicate, what: str, timeout: float = 30.0):
-    return wait_until(predicate, time.monotonic() + timeout, what)
+LAB_LETTER = "s"
 
 
 def ip_json(netns: str, *args: str) -> list[dict]:
