@@ -30,9 +30,11 @@ Standard library only: the plugin reads the store (DEL while the daemon is down)
 
 from __future__ import annotations
 
+import bisect
 import fcntl
 import json
 import os
+import threading
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -105,18 +107,30 @@ def allocate(state: PoolState, key: AttachmentKey, subnet: IPv4Network, gateway:
         return replace(state, allocations=allocations), updated, False
     if requested is not None:
         return _allocate_exactly(state, key, subnet, gateway, host_ifname, netns, requested, reserved)
-    candidates = usable_addresses(subnet, gateway)
+    # Integers rather than IPv4Address objects: this runs under the store's lock, once per ADD.
+    candidates = _usable_integers(subnet, gateway)
     taken = state.taken() | reserved
     start = 0
     if state.last is not None and state.last in subnet:
         # Continue after the last address handed out (round robin, as host-local does).
-        start = next((i + 1 for i, a in enumerate(candidates) if a >= state.last), 0)
+        start = bisect.bisect_left(candidates, int(state.last)) + 1
+        if start > len(candidates):
+            start = 0
     for offset in range(len(candidates)):
-        address = candidates[(start + offset) % len(candidates)]
+        address = IPv4Address(candidates[(start + offset) % len(candidates)])
         if address not in taken:
             allocation = Allocation(key, address, host_ifname, netns)
             return PoolState(state.allocations + (allocation,), address), allocation, True
     raise PoolExhausted(f"no free address left in {subnet}: all {len(candidates)} are allocated")
+
+
+def _usable_integers(subnet: IPv4Network, gateway: IPv4Address) -> list[int]:
+    """usable_addresses() as sorted integers."""
+    first, last = int(subnet.network_address), int(subnet.broadcast_address)
+    if subnet.prefixlen < 31:
+        first, last = first + 1, last - 1    # as hosts(): no network or broadcast address
+    excluded = int(gateway)
+    return [n for n in range(first, last + 1) if n != excluded]
 
 
 def _allocate_exactly(state, key, subnet, gateway, host_ifname, netns, requested, reserved):
@@ -176,16 +190,15 @@ def release_unlisted(state: PoolState, network: str,
 # --------------------------------------------------------------------------- serialisation
 
 def encode_state(state: PoolState) -> str:
-    return json.dumps({
-        "format": _FORMAT,
-        "last": str(state.last) if state.last is not None else None,
-        "allocations": [
-            {"network": a.key.network, "containerID": a.key.container_id, "ifname": a.key.ifname,
-             "address": str(a.address), "hostIfname": a.host_ifname, "netns": a.netns,
-             **({"claimed": True} if a.claimed else {})}
-            for a in sorted(state.allocations, key=lambda a: a.address)
-        ],
-    }, indent=1)
+    # One allocation a line, each encoded by json's C encoder (indent= would take the pure
+    # Python one): this runs under the store's lock, once per ADD and DEL.
+    lines = [json.dumps({"network": a.key.network, "containerID": a.key.container_id, "ifname": a.key.ifname,
+                         "address": str(a.address), "hostIfname": a.host_ifname, "netns": a.netns,
+                         **({"claimed": True} if a.claimed else {})})
+             for a in sorted(state.allocations, key=lambda a: a.address)]
+    last = json.dumps(str(state.last) if state.last is not None else None)
+    body = ",\n ".join(lines)
+    return f'{{"format": {_FORMAT}, "last": {last}, "allocations": [\n {body}\n]}}\n'
 
 
 def decode_state(text: str) -> PoolState:
@@ -214,13 +227,76 @@ class AllocationStore:
         with store.transaction() as txn:
             state, allocation, new = allocate(txn.state, ...)
             txn.commit(state)
+
+    or, for a change that is a pure function of the state (the service's ADD and DEL):
+
+        allocation = store.update(lambda state: ...)   # (new state, result) -> result
+
+    One store serves many threads (the service's). Writers queue on an in-process lock first, so
+    the file lock is contended only by other processes. `update` combines the changes of
+    concurrent callers (group commit): whichever thread gets the lock applies every change queued
+    so far, in arrival order, to the state read under the file lock, and writes the result once,
+    with one fsync; the others find their result ready. A burst of ADDs thus pays one file write
+    per batch instead of queueing one write each behind the lock, while every change is still
+    computed against the latest durable state and is durable before its caller goes on.
+
+    The last state read or written is kept with the exact bytes it came from; a transaction
+    still reads the file under the file lock (another process may have written it) but decodes
+    it only when those bytes differ.
     """
 
     def __init__(self, directory):
         self.directory = Path(directory)
+        self._mutex = threading.Lock()        # writers of this store, in this process
+        self._queue: list[_Change] = []       # changes waiting for the next group commit
+        self._queue_lock = threading.Lock()
+        self._cached: tuple[bytes, PoolState] | None = None
 
     def transaction(self) -> "_Transaction":
         return _Transaction(self, exclusive=True)
+
+    def update(self, change):
+        """Apply `change(state) -> (new state, result)` atomically and durably; returns result.
+        An exception from `change` (or from writing the file) is raised here, and that change
+        is not applied."""
+        pending = _Change(change)
+        with self._queue_lock:
+            self._queue.append(pending)
+        while not pending.done:
+            with self._mutex:
+                if pending.done:
+                    break
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                self._commit_batch(batch)
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    def _commit_batch(self, batch: list["_Change"]) -> None:
+        """With the mutex held: apply the batch in order under the file lock, write once."""
+        try:
+            with _Transaction(self, exclusive=True, take_mutex=False) as txn:
+                state = txn.state
+                applied = []
+                for pending in batch:
+                    try:
+                        state, pending.result = pending.change(state)
+                        applied.append(pending)
+                    except Exception as exc:    # this change only; the state is as before it
+                        pending.error = exc
+                try:
+                    txn.commit(state)
+                except StateFailure as exc:
+                    for pending in applied:
+                        pending.error, pending.result = exc, None
+        except Exception as exc:    # the file could not be locked or read: nothing applied
+            for pending in batch:
+                if pending.error is None:
+                    pending.error, pending.result = exc, None
+        finally:
+            for pending in batch:
+                pending.done = True
 
     def read(self) -> PoolState:
         with _Transaction(self, exclusive=False) as txn:
@@ -240,32 +316,72 @@ class AllocationStore:
         except OSError as exc:
             raise StateFailure(f"cannot create {self.directory}: {exc.strerror}") from None
 
+    def _decode(self, data: bytes) -> PoolState:
+        cached = self._cached
+        if cached is not None and cached[0] == data:
+            return cached[1]
+        state = decode_state(data.decode("utf-8", "replace"))
+        self._cached = (data, state)
+        return state
+
+
+def _read_all(path: Path) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
+class _Change:
+    __slots__ = ("change", "result", "error", "done")
+
+    def __init__(self, change):
+        self.change = change
+        self.result = None
+        self.error: BaseException | None = None
+        self.done = False
+
 
 class _Transaction:
-    def __init__(self, store: AllocationStore, exclusive: bool):
+    def __init__(self, store: AllocationStore, exclusive: bool, take_mutex: bool = True):
         self.store = store
         self.exclusive = exclusive
         self.state = PoolState()
         self._lock_fd = -1
+        # Readers need no mutex: a shared flock on their own file description waits for a
+        # writer of this process as for one of another.
+        self._take_mutex = take_mutex and exclusive
+        self._holds_mutex = False
 
     def __enter__(self) -> "_Transaction":
-        self.store._ensure_directory()
+        store = self.store
+        store._ensure_directory()
+        if self._take_mutex:
+            store._mutex.acquire()
+            self._holds_mutex = True
         try:
-            self._lock_fd = os.open(self.store.directory / _LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            # flock, not fcntl record locks: those are per process and would not keep the
-            # service's own threads apart. flock locks belong to the open file description, so a
-            # forked child shares it until it execs (O_CLOEXEC); never fork without exec here.
+            self._lock_fd = os.open(store.directory / _LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # flock, not fcntl record locks: those are per process and would not keep apart
+            # two stores of one process (the service's and the daemon's claim keeper). flock
+            # locks belong to the open file description, so a forked child shares it until it
+            # execs (O_CLOEXEC); never fork without exec here.
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH)
-            try:
-                text = (self.store.directory / _STATE_FILE).read_text()
-            except FileNotFoundError:
-                text = None
+            data = _read_all(store.directory / _STATE_FILE)
         except OSError as exc:
             self._unlock()
-            raise StateFailure(f"cannot read allocation records in {self.store.directory}: {exc}") from None
-        if text is not None:
+            raise StateFailure(f"cannot read allocation records in {store.directory}: {exc}") from None
+        if data is not None:
             try:
-                self.state = decode_state(text)
+                self.state = store._decode(data)
             except StateFailure:
                 self._unlock()
                 raise
@@ -278,16 +394,19 @@ class _Transaction:
             return
         path = self.store.directory / _STATE_FILE
         tmp = self.store.directory / f".{_STATE_FILE}.tmp"
+        data = encode_state(state).encode()
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
-                os.write(fd, encode_state(state).encode())
+                os.write(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
         except OSError as exc:
+            self.store._cached = None
             raise StateFailure(f"cannot write allocation records in {self.store.directory}: {exc}") from None
+        self.store._cached = (data, state)
         self.state = state
 
     def __exit__(self, *exc_info) -> None:
@@ -297,3 +416,6 @@ class _Transaction:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)     # closing the description releases the flock
             self._lock_fd = -1
+        if self._holds_mutex:
+            self._holds_mutex = False
+            self.store._mutex.release()

@@ -1,8 +1,12 @@
-"""The CNI side's netlink boundary: the bridge, veth pairs and container addresses, via pyroute2.
+"""The CNI side's netlink boundary: the bridge, veth pairs and container addresses.
 
 Design note
 -----------
-This is the only CNI module that talks to the kernel; it translates pyroute2's `NetlinkError`
+This is the only CNI module that talks to the kernel. The requests of the hot path (ADD, DEL,
+CHECK) go over sockets of our own with hand-packed messages (cni.rtnl: pyroute2's generic codec
+cost more Python time per message than the kernel takes to do the work, and the service's
+threads share one GIL); the rare, rich ones (bridge set-up, a moved workload's neighbour and
+routes) over pyroute2. It translates both kinds of netlink error
 into our domain exceptions (`KernelFailure`, `InterfaceConflict`, `ContainerNotFound`) and makes
 every operation idempotent: a delete of something absent succeeds, an address or route is
 replaced rather than added.
@@ -11,13 +15,14 @@ The service runs in the host's network namespace, in many threads at once. To wo
 container's namespace it does not use `IPRoute(netns=...)`, which forks a helper process per
 socket (slow, and unwise in a threaded daemon). `setns(2)` with CLONE_NEWNET changes the namespace
 of the calling thread only, and a netlink socket stays bound to the namespace it was created in;
-so `container_netlink` switches this thread into the container's namespace, opens one netlink
+so `container_links` switches this thread into the container's namespace, opens one netlink
 socket, and switches straight back, before anything else runs on the thread. Everything after
 that is plain netlink over that socket.
 
 The container end of the veth pair is created directly in the container's namespace under its
-final name (the peer attributes carry IFLA_NET_NS_FD and IFLA_IFNAME), so no temporary name, move
-or rename exists that a failure could leave behind. Its MAC is derived from its IPv4 address
+final name (the peer attributes carry IFLA_NET_NS_FD and IFLA_IFNAME), so no temporary name,
+move or rename exists that a failure could leave behind; the container side is then one lookup
+and one write (address, link up, default route, applied by the kernel in that order). Its MAC is derived from its IPv4 address
 (0a:58:<address>), so a reused address keeps its MAC and neighbours' ARP caches stay right.
 
 A moved workload (an address of another host's subnet, see overlay.moves) is attached Calico
@@ -38,7 +43,6 @@ Every other address of the subnet is routed onto the bridge itself and gets no p
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import socket
@@ -49,17 +53,16 @@ from ipaddress import IPv4Address, IPv4Interface
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from cni import rtnl
 from cni.errors import ContainerNotFound, InterfaceConflict, KernelFailure
+from cni.rtnl import NamespaceFailure, NetlinkFailure, RtnlSocket
 
-_CLONE_NEWNET = 0x40000000
 MOVED_GATEWAY = IPv4Address("169.254.1.1")
 # Routes the CNI service makes to moved containers' veths carry this protocol number: not the
 # daemon's 211 (whose reconcile removes every route of its number it did not compute), and named
 # by no entry of /etc/iproute2/rt_protos either. `ip route show proto 212` lists them.
 CNI_ROUTE_PROTOCOL = 212
 _NUD_PERMANENT = 0x80
-_NETLINK_ROUTE = 0
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def mac_for(address: IPv4Address, prefix: str = "0a:58") -> str:
@@ -83,14 +86,9 @@ class LinkState:
     kind: str | None
 
 
-def _kernel_error(action: str, exc: NetlinkError) -> KernelFailure:
-    return KernelFailure(f"{action}: {os.strerror(exc.code)} (errno {exc.code})")
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        code = ctypes.get_errno()
-        raise KernelFailure(f"setns: {os.strerror(code)}")
+def _kernel_error(action: str, exc) -> KernelFailure:
+    detail = f" ({exc.detail})" if getattr(exc, "detail", "") else ""
+    return KernelFailure(f"{action}: {os.strerror(exc.code)}{detail} (errno {exc.code})")
 
 
 def open_netns(path: str) -> int:
@@ -114,54 +112,60 @@ def write_sysctl(path: str, value: str) -> None:
         raise KernelFailure(f"cannot set {path.replace('/', '.')} to {value}: {exc.strerror}") from None
 
 
-def host_netlink() -> IPRoute:
-    # groups=0: a request/response socket; subscribing to events would fill its buffer.
-    return IPRoute(groups=0)
+def host_links() -> "Links":
+    """Links of the calling thread's namespace (the host's, for the service)."""
+    return Links(None)
 
 
-def container_netlink(netns_fd: int) -> IPRoute:
-    """An IPRoute whose socket lives in the namespace `netns_fd` (see the design note)."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        try:
-            _setns(netns_fd)
-        except KernelFailure as exc:
-            raise ContainerNotFound(f"the network namespace cannot be entered: {exc.msg}") from None
-        try:
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_ROUTE)
-        finally:
-            # If this fails the thread is in the wrong namespace for good: let it die loudly
-            # (the service runs each request on a thread of its own).
-            _setns(home)
-    finally:
-        os.close(home)
-    return IPRoute(groups=0, fileno=sock.detach())
+def container_links(netns_fd: int) -> "Links":
+    """Links of the container's namespace `netns_fd` (see the design note)."""
+    return Links(netns_fd)
 
 
-def _link_state(message) -> LinkState:
-    kind = None
-    info = message.get_attr("IFLA_LINKINFO")
-    if info is not None:
-        kind = info.get_attr("IFLA_INFO_KIND")
-    return LinkState(
-        index=message["index"],
-        name=message.get_attr("IFLA_IFNAME"),
-        mac=message.get_attr("IFLA_ADDRESS"),
-        mtu=message.get_attr("IFLA_MTU"),
-        up=bool(message["flags"] & 1),
-        master=message.get_attr("IFLA_MASTER"),
-        kind=kind,
-    )
+def _link_state(fields: dict) -> LinkState:
+    return LinkState(**fields)
+
+
+_GONE = (errno.ENODEV, errno.ENOENT)
 
 
 class Links:
-    """Operations on one namespace's links, over one netlink socket."""
+    """Operations on one namespace's links.
 
-    def __init__(self, ipr: IPRoute):
-        self.ipr = ipr
+    The hot path (ADD, DEL, CHECK) goes over a socket of our own with hand-packed messages
+    (cni.rtnl); the rare, rich requests (bridge set-up, a moved workload's routes and neighbour)
+    over a pyroute2 IPRoute, created only when one of them is needed."""
+
+    def __init__(self, netns_fd: int | None = None):
+        self.netns_fd = netns_fd
+        try:
+            self.rtnl = RtnlSocket(netns_fd)
+        except NamespaceFailure as exc:
+            raise ContainerNotFound(f"the network namespace cannot be entered: {exc}") from None
+        except OSError as exc:
+            raise KernelFailure(f"cannot open a netlink socket: {exc}") from None
+        self._ipr = None
+
+    @property
+    def ipr(self) -> IPRoute:
+        if self._ipr is None:
+            if self.netns_fd is None:
+                # groups=0: a request/response socket; subscribing to events would fill its buffer.
+                self._ipr = IPRoute(groups=0)
+            else:
+                # A plain socket for pyroute2 (it wants SOCK_DGRAM and its own options).
+                try:
+                    plain = rtnl.in_netns(self.netns_fd, lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM,
+                                                                                rtnl.NETLINK_ROUTE))
+                except NamespaceFailure as exc:
+                    raise ContainerNotFound(f"the network namespace cannot be entered: {exc}") from None
+                self._ipr = IPRoute(groups=0, fileno=plain.detach())
+        return self._ipr
 
     def close(self) -> None:
-        self.ipr.close()
+        self.rtnl.close()
+        if self._ipr is not None:
+            self._ipr.close()
 
     def __enter__(self) -> "Links":
         return self
@@ -173,33 +177,43 @@ class Links:
 
     def link(self, name: str) -> LinkState | None:
         try:
-            messages = tuple(self.ipr.link("get", ifname=name))
-        except NetlinkError as exc:
-            if exc.code in (errno.ENODEV, errno.ENOENT):
+            return _link_state(rtnl.parse_link(self.rtnl.get(rtnl.get_link_request(name))))
+        except NetlinkFailure as exc:
+            if exc.code in _GONE:
                 return None
             raise _kernel_error(f"looking up {name}", exc) from None
-        return _link_state(messages[0]) if messages else None
+        except OSError as exc:
+            raise KernelFailure(f"looking up {name}: {exc}") from None
 
     def links(self) -> list[LinkState]:
         try:
-            return [_link_state(m) for m in self.ipr.get_links()]
-        except NetlinkError as exc:
+            return [_link_state(rtnl.parse_link(body))
+                    for body in self.rtnl.dump(rtnl.RTM_GETLINK, rtnl.link_dump_header())]
+        except NetlinkFailure as exc:
             raise _kernel_error("listing links", exc) from None
 
     def addresses(self, index: int) -> set[IPv4Interface]:
         try:
-            messages = self.ipr.get_addr(family=socket.AF_INET, index=index)
-            return {IPv4Interface((m.get_attr("IFA_ADDRESS"), m["prefixlen"])) for m in messages}
-        except NetlinkError as exc:
+            bodies = self.rtnl.dump(rtnl.RTM_GETADDR, rtnl.address_dump_header())
+        except NetlinkFailure as exc:
             raise _kernel_error("listing addresses", exc) from None
+        found = set()
+        for body in bodies:
+            owner, packed, prefixlen = rtnl.parse_address(body)
+            if owner == index and packed is not None and len(packed) == 4:
+                found.add(IPv4Interface((IPv4Address(packed), prefixlen)))
+        return found
+
+    def _main_routes(self) -> list[dict]:
+        try:
+            routes = [rtnl.parse_route(body) for body in self.rtnl.dump(rtnl.RTM_GETROUTE, rtnl.route_dump_header())]
+        except NetlinkFailure as exc:
+            raise _kernel_error("listing routes", exc) from None
+        return [route for route in routes if route["table"] == rtnl.RT_TABLE_MAIN]
 
     def default_gateways(self, index: int) -> set[IPv4Address]:
-        try:
-            messages = self.ipr.get_routes(family=socket.AF_INET, oif=index, table=254)
-        except NetlinkError as exc:
-            raise _kernel_error("listing routes", exc) from None
-        return {IPv4Address(m.get_attr("RTA_GATEWAY")) for m in messages
-                if m["dst_len"] == 0 and m.get_attr("RTA_GATEWAY") and m.get_attr("RTA_OIF") == index}
+        return {IPv4Address(r["gateway"]) for r in self._main_routes()
+                if r["dst_len"] == 0 and r["gateway"] and r["oif"] == index}
 
     # ---- changing
 
@@ -236,33 +250,32 @@ class Links:
         """Both ends in one request: the host end already on the bridge (if one is given) and
         up, the container end in the container's namespace under its final name (down; the
         caller configures it)."""
-        bridged = {"master": bridge_index} if bridge_index is not None else {}
         try:
-            self.ipr.link("add", ifname=host_name, kind="veth", mtu=mtu, address=host_mac, state="up",
-                          peer={"ifname": peer_name, "net_ns_fd": netns_fd, "mtu": mtu, "address": peer_mac},
-                          **bridged)
-        except NetlinkError as exc:
+            self.rtnl.check(rtnl.veth_request(host_name, host_mac, mtu, bridge_index, peer_name, netns_fd, peer_mac))
+        except NetlinkFailure as exc:
             if exc.code == errno.EEXIST:
                 raise LinkExists(f"{peer_name} already exists in the container or {host_name} on the host") from None
             raise _kernel_error(f"creating veth {host_name}", exc) from None
 
     def attach(self, index: int, bridge_index: int) -> None:
         try:
-            self.ipr.link("set", index=index, master=bridge_index, state="up")
-        except NetlinkError as exc:
+            self.rtnl.check(rtnl.set_link_request(index, up=True, master=bridge_index))
+        except NetlinkFailure as exc:
             raise _kernel_error("attaching the host veth to the bridge", exc) from None
 
     def configure_container_side(self, name: str, address: IPv4Interface, gateway: IPv4Address) -> LinkState:
-        """Address, up, default route via the gateway; idempotent (replace, not add)."""
+        """Address, up, default route via the gateway; idempotent (replace, not add). One
+        lookup, then the changes in a single write (the kernel applies them in order)."""
         link = self.link(name)
         if link is None:
             raise KernelFailure(f"{name} vanished from the container while it was being set up")
+        requests = [rtnl.replace_address_request(link.index, address.ip.packed, address.network.prefixlen)]
+        if not link.up:
+            requests.append(rtnl.set_link_request(link.index, up=True))
+        requests.append(rtnl.replace_default_route_request(gateway.packed, link.index))
         try:
-            self.ipr.addr("replace", index=link.index, address=str(address.ip), prefixlen=address.network.prefixlen)
-            if not link.up:
-                self.ipr.link("set", index=link.index, state="up")
-            self.ipr.route("replace", dst="0.0.0.0/0", gateway=str(gateway), oif=link.index)
-        except NetlinkError as exc:
+            self.rtnl.check(*requests)
+        except NetlinkFailure as exc:
             raise _kernel_error(f"configuring {name} in the container", exc) from None
         return link
 
@@ -298,21 +311,17 @@ class Links:
 
     def routes_to(self, address: IPv4Address) -> list[tuple[int, int]]:
         """(oif, protocol) of each main-table route whose destination is exactly address/32."""
-        try:
-            # A dump filtered here: a `dst=` request would be a FIB lookup, which reports no protocol.
-            messages = self.ipr.route("dump", family=socket.AF_INET, table=254)
-        except NetlinkError as exc:
-            raise _kernel_error("listing routes", exc) from None
-        return [(m.get_attr("RTA_OIF"), m["proto"]) for m in messages
-                if m["dst_len"] == 32 and m.get_attr("RTA_DST") == str(address)]
+        # A dump filtered here: a `dst=` request would be a FIB lookup, which reports no protocol.
+        return [(r["oif"], r["protocol"]) for r in self._main_routes()
+                if r["dst_len"] == 32 and r["dst"] == address.packed]
 
     def delete(self, name: str) -> bool:
         """Delete a link by name; True when it existed. Deleting one end of a veth removes both."""
         try:
-            self.ipr.link("del", ifname=name)
+            self.rtnl.check(rtnl.del_link_request(name))
             return True
-        except NetlinkError as exc:
-            if exc.code in (errno.ENODEV, errno.ENOENT):
+        except NetlinkFailure as exc:
+            if exc.code in _GONE:
                 return False
             raise _kernel_error(f"deleting {name}", exc) from None
 

@@ -185,3 +185,81 @@ def test_claimed_records_survive_encoding_and_are_exclusive():
     state, plain, _ = take(state, key("p"), MY_SUBNET, MY_GATEWAY)
     decoded = decode_state(encode_state(state))
     assert set(decoded.allocations) == set(state.allocations) and decoded.find(key("m")).claimed and not decoded.find(key("p")).claimed
+
+
+# --- group commit (AllocationStore.update) and the decoded-state cache -------------------------
+
+def _take_change(k):
+    def change(state):
+        state, allocation, _ = take(state, k)
+        return state, allocation
+    return change
+
+
+def test_update_from_many_threads_gives_distinct_durable_addresses(tmp_path):
+    store = AllocationStore(tmp_path / "ipam")
+    start = threading.Barrier(20)
+    results = []
+
+    def worker(n):
+        start.wait()
+        results.append(store.update(_take_change(key(n))))
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({a.address for a in results}) == 20
+    # durable: a fresh store (another process, say) reads every one of them from the file
+    assert {a.address for a in AllocationStore(tmp_path / "ipam").read().allocations} == {a.address for a in results}
+
+
+def test_update_applies_changes_in_a_batch_each_on_its_own(tmp_path):
+    store = AllocationStore(tmp_path / "ipam")
+    store.update(_take_change(key(1)))
+    # Run a batch by hand: a failing change in the middle leaves the others applied.
+    from cni.allocator import _Change
+    good, bad, later = _Change(_take_change(key(2))), _Change(lambda s: (_ for _ in ()).throw(PoolExhausted("x"))), \
+        _Change(_take_change(key(3)))
+    with store._mutex:
+        store._commit_batch([good, bad, later])
+    assert good.done and bad.done and later.done
+    assert isinstance(bad.error, PoolExhausted) and good.error is None and later.error is None
+    assert {a.key for a in AllocationStore(tmp_path / "ipam").read().allocations} == {key(1), key(2), key(3)}
+    with pytest.raises(PoolExhausted):
+        store.update(lambda s: (_ for _ in ()).throw(PoolExhausted("none left")))
+
+
+def test_update_reports_a_failed_write_to_every_change_of_the_batch(tmp_path):
+    directory = tmp_path / "ipam"
+    store = AllocationStore(directory)
+    store.update(_take_change(key(1)))
+    # The temporary file's name taken by a directory: the write fails, nothing is applied.
+    (directory / ".allocations.json.tmp").mkdir()
+    with pytest.raises(StateFailure):
+        store.update(_take_change(key(2)))
+    (directory / ".allocations.json.tmp").rmdir()
+    assert [a.key for a in AllocationStore(directory).read().allocations] == [key(1)]
+    assert store.update(_take_change(key(2))).key == key(2)
+
+
+def test_a_write_by_another_store_is_never_missed(tmp_path):
+    """The cache holds the bytes it decoded: a change made through another store (another
+    process) between two updates is read, not overwritten."""
+    directory = tmp_path / "ipam"
+    ours, theirs = AllocationStore(directory), AllocationStore(directory)
+    first = ours.update(_take_change(key(1)))
+    with theirs.transaction() as txn:
+        state, other, _ = take(txn.state, key(2))
+        txn.commit(state)
+    third = ours.update(_take_change(key(3)))
+    assert len({first.address, other.address, third.address}) == 3
+    assert {a.key for a in AllocationStore(directory).read().allocations} == {key(1), key(2), key(3)}
+
+
+def test_encoding_is_one_allocation_a_line_and_round_trips():
+    state = PoolState()
+    for n in range(3):
+        state, _, _ = take(state, key(n))
+    text = encode_state(state)
+    assert len(text.splitlines()) == 5 and decode_state(text) == state
