@@ -84,3 +84,46 @@ def test_malformed_requests_get_spec_errors(service):
         code, text, _ = service.answer(payload)
         error = json.loads(text)
         assert code == 1 and error["code"] in (4, 6)
+
+
+def run_plugin(environ, stdin: bytes):
+    out = io.StringIO()
+    code = plugin.main(environ=environ, stdin=stdin, stdout=out)
+    return code, (json.loads(out.getvalue()) if out.getvalue().strip() else None)
+
+
+def test_with_the_service_up_input_errors_get_their_spec_codes_from_it(service, tmp_path):
+    """The client forwards whatever names a run dir and lets the service validate it."""
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/run/netns/x", "CNI_IFNAME": "eth0",
+           "CNI_PATH": "/x"}
+    good = {"cniVersion": "1.0.0", "name": "n", "type": "overlay", "runDir": str(tmp_path)}
+    cases = [
+        ({**good, "cniVersion": "0.2.0"}, env, 1),
+        ({**good, "ipam": {}}, env, 2),
+        (good, {**env, "CNI_IFNAME": "a/b"}, 4),
+        ({**good, "bridge": 7}, env, 7),
+        ({**good, "cniVersion": "0.3.1"}, {**env, "CNI_COMMAND": "CHECK"}, 1),
+    ]
+    for config, environ, code in cases:
+        status, error = run_plugin(environ, json.dumps(config).encode())
+        assert status == 1 and error["code"] == code and error["msg"], (config, environ, error)
+    # What the client cannot route (no JSON, a relative runDir, too large) it answers itself.
+    assert run_plugin(env, b"{nope")[1]["code"] == 6
+    assert run_plugin(env, json.dumps({**good, "runDir": "rel"}).encode())[1]["code"] == 7
+    big = json.dumps({**good, "args": {"x": "y" * (1 << 20)}}).encode()
+    assert run_plugin(env, big)[1]["code"] == 7
+
+
+def test_a_forwarded_call_loads_no_parsing_module(service, tmp_path):
+    """The forwarding path imports only _socket and _json (start-up is what a runtime pays)."""
+    import subprocess
+    import sys
+    service.set_ready(True)
+    root = os.path.dirname(os.path.dirname(plugin.__file__))
+    config = json.dumps({"cniVersion": "1.1.0", "name": "n", "type": "overlay", "runDir": str(tmp_path)})
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from cni import plugin; status = plugin.main(); "
+            "print(sorted(m for m in sys.modules if m.startswith('cni')), file=sys.stderr); sys.exit(status)")
+    done = subprocess.run([sys.executable, "-IS", "-c", code, root], input=config.encode(), capture_output=True,
+                          env={"CNI_COMMAND": "STATUS", "CNI_PATH": "/x"})
+    assert done.returncode == 0, done.stdout
+    assert done.stderr.decode().strip() == "['cni', 'cni.plugin']"
