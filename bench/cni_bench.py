@@ -1,12 +1,14 @@
 """ADD / CHECK / DEL latency of our plugin against the reference bridge + host-local, same run.
 
-    sudo .venv/bin/python -m bench.cni_bench [--rounds 30] [--concurrent 20]
+    sudo .venv/bin/python -m bench.cni_bench [--rounds 30] [--concurrent 20] [--bursts 5]
 
 Both plugins are exec'd exactly as a runtime does (CNI environment, config on stdin) from a
 process already inside one host namespace (`ovl-ct-bench-h`), so both pay the same exec cost;
 our warm service runs standalone in that namespace. Each attachment gets a fresh container
 namespace (made outside the timed section). Rounds interleave the two plugins so that machine
-noise hits both alike. Prints medians in milliseconds; asserts nothing.
+noise hits both alike; so do the bursts of concurrent ADDs (each a fresh set of namespaces, all
+deleted again before the next), whose addresses are checked to be distinct. Prints medians in
+milliseconds; asserts nothing else.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -30,7 +33,7 @@ def _ip(*args, check=True):
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
 
 
-def _exec(executable: str, command: str, config: dict, container_id: str, netns: str | None) -> float:
+def _run(executable: str, command: str, config: dict, container_id: str, netns: str | None):
     env = {"CNI_COMMAND": command, "CNI_CONTAINERID": container_id, "CNI_IFNAME": "eth0", "CNI_PATH": REFERENCE_DIR}
     if netns:
         env["CNI_NETNS"] = netns
@@ -40,14 +43,35 @@ def _exec(executable: str, command: str, config: dict, container_id: str, netns:
     elapsed = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"{executable} {command} failed: {done.stdout.decode()} {done.stderr.decode()}")
-    return elapsed * 1e3
+    return elapsed * 1e3, done.stdout.decode()
+
+
+def _exec(executable: str, command: str, config: dict, container_id: str, netns: str | None) -> float:
+    return _run(executable, command, config, container_id, netns)[0]
+
+
+def _exec_result(executable: str, command: str, config: dict, container_id: str, netns: str | None) -> str:
+    return _run(executable, command, config, container_id, netns)[1]
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of every child waited for so far: the plugins, and what
+    they ran (the reference bridge runs host-local)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a running process so far: our service."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _add_prev(config: dict, result_json: str) -> dict:
     return {**config, "prevResult": json.loads(result_json)}
 
 
-def inner(rounds: int, concurrent: int, work: Path) -> None:
+def inner(rounds: int, concurrent: int, bursts: int, work: Path) -> None:
     """Runs inside HOST_NS."""
     from cni.install import install
     from overlay.subnetfile import SubnetFile, write_subnet_file
@@ -100,17 +124,30 @@ def inner(rounds: int, concurrent: int, work: Path) -> None:
                 checked = _add_prev(config, done.stdout.decode())
                 timings[name]["CHECK"].append(_exec(executable, "CHECK", checked, cid, path))
                 timings[name]["DEL"].append(_exec(executable, "DEL", checked, cid, path))
-        burst = {}
-        for name, (executable, config) in plugins.items():
-            paths = [new_netns(f"c{name[0]}{n}") for n in range(concurrent)]
-            started = time.perf_counter()
-            with ThreadPoolExecutor(concurrent) as pool:
-                list(pool.map(lambda n: _exec(executable, "ADD", config, f"burst-{name}-{n}", paths[n]),
-                              range(concurrent)))
-            burst[name] = (time.perf_counter() - started) * 1e3
-            with ThreadPoolExecutor(concurrent) as pool:
-                list(pool.map(lambda n: _exec(executable, "DEL", config, f"burst-{name}-{n}", paths[n]),
-                              range(concurrent)))
+        burst = {name: [] for name in plugins}
+        burst_cpu = {name: [] for name in plugins}
+        for b in range(bursts):
+            for name, (executable, config) in plugins.items():
+                paths = [new_netns(f"c{name[0]}{b}-{n}") for n in range(concurrent)]
+                cpu_before = _children_cpu() + (_process_cpu(service.pid) if name == "ours" else 0.0)
+                started = time.perf_counter()
+                with ThreadPoolExecutor(concurrent) as pool:
+                    results = list(pool.map(
+                        lambda n: _exec_result(executable, "ADD", config, f"burst-{name}-{b}-{n}", paths[n]),
+                        range(concurrent)))
+                burst[name].append((time.perf_counter() - started) * 1e3)
+                cpu_after = _children_cpu() + (_process_cpu(service.pid) if name == "ours" else 0.0)
+                burst_cpu[name].append((cpu_after - cpu_before) * 1e3 / concurrent)
+                addresses = [json.loads(r)["ips"][0]["address"] for r in results]
+                if len(set(addresses)) != len(addresses):
+                    raise RuntimeError(f"{name}: duplicate addresses in a burst: {sorted(addresses)}")
+                with ThreadPoolExecutor(concurrent) as pool:
+                    list(pool.map(lambda n: _exec(executable, "DEL", config, f"burst-{name}-{b}-{n}", paths[n]),
+                                  range(concurrent)))
+                for path in paths:
+                    name_ = path.rsplit("/", 1)[1]
+                    _ip("netns", "del", name_, check=False)
+                    namespaces.remove(name_)
     finally:
         for name in namespaces:
             _ip("netns", "del", name, check=False)
@@ -121,18 +158,25 @@ def inner(rounds: int, concurrent: int, work: Path) -> None:
     for command in ("ADD", "CHECK", "DEL"):
         a, b = statistics.median(timings["ours"][command]), statistics.median(timings["reference"][command])
         print(f"{command:<12}{a:>10.1f}{b:>12.1f}{a / b:>8.2f}")
-    print(f"{concurrent} concurrent ADDs, total ms: ours {burst['ours']:.0f}, reference {burst['reference']:.0f}")
-    print(f"({rounds} rounds, cniVersion 1.0.0, each attachment in a fresh namespace)")
+    a, b = statistics.median(burst["ours"]), statistics.median(burst["reference"])
+    print(f"{concurrent} concurrent ADDs, total ms (median of {bursts}): ours {a:.0f}, reference {b:.0f}, "
+          f"ratio {a / b:.2f}")
+    print(f"  each burst, ours: {' '.join(f'{x:.0f}' for x in burst['ours'])}; "
+          f"reference: {' '.join(f'{x:.0f}' for x in burst['reference'])}")
+    print(f"  CPU per ADD in the bursts (plugin processes, and for ours the service), ms: "
+          f"ours {statistics.median(burst_cpu['ours']):.1f}, reference {statistics.median(burst_cpu['reference']):.1f}")
+    print(f"({rounds} rounds, {bursts} bursts, cniVersion 1.0.0, each attachment in a fresh namespace)")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--concurrent", type=int, default=20)
+    parser.add_argument("--bursts", type=int, default=5, help="concurrent bursts per plugin (interleaved)")
     parser.add_argument("--inner", metavar="WORKDIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
-        inner(args.rounds, args.concurrent, Path(args.inner))
+        inner(args.rounds, args.concurrent, args.bursts, Path(args.inner))
         return 0
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
@@ -142,6 +186,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="ovl-ct-bench-") as work:
             return subprocess.run(["ip", "netns", "exec", HOST_NS, sys.executable, "-m", "bench.cni_bench",
                                    "--rounds", str(args.rounds), "--concurrent", str(args.concurrent),
+                                   "--bursts", str(args.bursts),
                                    "--inner", work], cwd=Path(__file__).resolve().parents[1]).returncode
     finally:
         _ip("netns", "del", HOST_NS, check=False)
