@@ -73,8 +73,11 @@ class PoolState:
     last: IPv4Address | None = None
 
     def find(self, key: AttachmentKey) -> Allocation | None:
+        # The container ID first: a string comparison, where comparing whole keys would call
+        # the dataclass's __eq__ once per allocation (this runs under the store's lock).
+        container_id = key.container_id
         for allocation in self.allocations:
-            if allocation.key == key:
+            if allocation.key.container_id == container_id and allocation.key == key:
                 return allocation
         return None
 
@@ -109,7 +112,8 @@ def allocate(state: PoolState, key: AttachmentKey, subnet: IPv4Network, gateway:
         return _allocate_exactly(state, key, subnet, gateway, host_ifname, netns, requested, reserved)
     # Integers rather than IPv4Address objects: this runs under the store's lock, once per ADD.
     candidates = _usable_integers(subnet, gateway)
-    taken = state.taken() | reserved
+    taken = {int(a.address) for a in state.allocations}
+    taken.update(int(a) for a in reserved)
     start = 0
     if state.last is not None and state.last in subnet:
         # Continue after the last address handed out (round robin, as host-local does).
@@ -117,8 +121,9 @@ def allocate(state: PoolState, key: AttachmentKey, subnet: IPv4Network, gateway:
         if start > len(candidates):
             start = 0
     for offset in range(len(candidates)):
-        address = IPv4Address(candidates[(start + offset) % len(candidates)])
-        if address not in taken:
+        number = candidates[(start + offset) % len(candidates)]
+        if number not in taken:
+            address = IPv4Address(number)
             allocation = Allocation(key, address, host_ifname, netns)
             return PoolState(state.allocations + (allocation,), address), allocation, True
     raise PoolExhausted(f"no free address left in {subnet}: all {len(candidates)} are allocated")
@@ -172,7 +177,7 @@ def release(state: PoolState, key: AttachmentKey) -> tuple[PoolState, Allocation
     existing = state.find(key)
     if existing is None:
         return state, None
-    return replace(state, allocations=tuple(a for a in state.allocations if a.key != key)), existing
+    return replace(state, allocations=tuple(a for a in state.allocations if a is not existing)), existing
 
 
 def release_unlisted(state: PoolState, network: str,
@@ -189,15 +194,32 @@ def release_unlisted(state: PoolState, network: str,
 
 # --------------------------------------------------------------------------- serialisation
 
+# Encoded lines of allocations seen lately, by id(): (allocation, its address as int, line).
+# Allocations are immutable and the state changes by one or a few at a time, so a commit encodes
+# only the new ones; the identity check guards against a reused id().
+_lines: dict = {}
+_lines_lock = threading.Lock()
+
+
 def encode_state(state: PoolState) -> str:
-    # One allocation a line, each encoded by json's C encoder (indent= would take the pure
-    # Python one): this runs under the store's lock, once per ADD and DEL.
-    lines = [json.dumps({"network": a.key.network, "containerID": a.key.container_id, "ifname": a.key.ifname,
-                         "address": str(a.address), "hostIfname": a.host_ifname, "netns": a.netns,
-                         **({"claimed": True} if a.claimed else {})})
-             for a in sorted(state.allocations, key=lambda a: a.address)]
+    """One allocation a line, sorted by address. This runs under the store's lock, once per
+    ADD and DEL, over every allocation of the host: each line is encoded once, by json's C
+    encoder (indent= would take the pure Python one), and then reused."""
+    global _lines
+    with _lines_lock:
+        known, current = _lines, {}
+        for a in state.allocations:
+            entry = known.get(id(a))
+            if entry is None or entry[0] is not a:
+                line = json.dumps({"network": a.key.network, "containerID": a.key.container_id,
+                                   "ifname": a.key.ifname, "address": str(a.address), "hostIfname": a.host_ifname,
+                                   "netns": a.netns, **({"claimed": True} if a.claimed else {})})
+                entry = (a, int(a.address), line)
+            current[id(a)] = entry
+        _lines = current
+    ordered = sorted((number, line) for _, number, line in current.values())
     last = json.dumps(str(state.last) if state.last is not None else None)
-    body = ",\n ".join(lines)
+    body = ",\n ".join(line for _, line in ordered)
     return f'{{"format": {_FORMAT}, "last": {last}, "allocations": [\n {body}\n]}}\n'
 
 

@@ -1,11 +1,14 @@
 """`overlayctl install-cni`: put the `overlay` plugin executable and a conflist where a runtime looks.
 
-The executable is a four-line launcher, not a copy of the client:
+The executable is a short launcher, not a copy of the client:
 
     #!<this venv's python> -IS
     import sys
     sys.path.insert(0, "<directory holding the cni package>")
-    from cni.plugin import main; sys.exit(main())
+    from cni.plugin import main
+    status = main()
+    import posix
+    posix._exit(status)
 
 - An absolute interpreter path, because a `python3` found through PATH may be a pyenv shim
   (80 ms) and a runtime's PATH is not ours to trust. `-IS` as one word: the kernel passes at most
@@ -13,6 +16,11 @@ The executable is a four-line launcher, not a copy of the client:
   skips `site` (the venv's site-packages are not needed: the client is stdlib-only).
 - Importing `cni.plugin` rather than copying its text keeps one source of truth, and lets Python
   use the cached bytecode; a copied script would be recompiled on every call.
+- `posix._exit` once main() has returned skips the interpreter's finalization (tearing down
+  modules, a last garbage collection): 0.9 ms of the 7 ms of CPU a call costs here, and a runtime
+  starting many containers pays it for each. main() has flushed stdout and closed its socket by
+  then, and the process holds nothing else; an exception from main() still takes the normal
+  exit, traceback and all.
 
 The conflist declares `cniVersion` 1.0.0, the newest version libcni 1.1 (podman 4.3) and the
 reference plugins understand, and `cniVersions` [1.0.0, 1.1.0] so a runtime with CNI 1.1 support
@@ -44,7 +52,9 @@ def launcher_text(interpreter: str, package_root: str) -> str:
             "import sys\n"
             f"sys.path.insert(0, {package_root!r})\n"
             "from cni.plugin import main\n"
-            "sys.exit(main())\n")
+            "status = main()\n"
+            "import posix\n"
+            "posix._exit(status)\n")
 
 
 def conflist(network_name: str, run_dir: str, bridge: str, portmap: bool) -> dict:

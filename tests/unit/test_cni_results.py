@@ -81,3 +81,19 @@ def test_install_writes_a_runnable_plugin_and_a_conflist(tmp_path):
                           env={"CNI_COMMAND": "VERSION"}, capture_output=True, timeout=10)
     assert done.returncode == 0, done.stderr
     assert "1.0.0" in json.loads(done.stdout)["supportedVersions"]
+
+
+def test_the_launcher_flushes_its_answer_and_exit_status_before_it_skips_finalization(tmp_path):
+    """The launcher ends with posix._exit (no interpreter finalization): stdout must still be
+    complete, and the status main() returned must be the process's."""
+    import subprocess
+    executable, _ = install(tmp_path / "bin", tmp_path / "net.d", str(tmp_path / "run"))
+    done = subprocess.run([str(executable)], input=b'{"cniVersion": "0.4.0"}', capture_output=True,
+                          env={"CNI_COMMAND": "VERSION"})
+    assert done.returncode == 0 and json.loads(done.stdout)["cniVersion"] == "0.4.0"
+    config = json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "overlay", "runDir": str(tmp_path / "run")})
+    done = subprocess.run([str(executable)], input=config.encode(), capture_output=True,
+                          env={"CNI_COMMAND": "ADD", "CNI_PATH": "/x"})
+    error = json.loads(done.stdout)
+    assert done.returncode == 1 and error["code"] == 4 and "CNI_CONTAINERID" in error["msg"]
+    assert done.stdout.endswith(b"}\n") and not done.stderr
