@@ -27,6 +27,7 @@ errnos here (`NetlinkFailure`) and translates them into domain exceptions.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import socket
 import struct
@@ -41,6 +42,8 @@ NLMSG_DONE = 3
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
 NLM_F_DUMP = 0x300
+NLM_F_DUMP_INTR = 0x10      # in a dump's message: the table changed during the dump
+DUMP_ATTEMPTS = 5
 NLM_F_REPLACE = 0x100
 NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
@@ -331,23 +334,37 @@ class RtnlSocket:
                 offset += (length + 3) & ~3
 
     def dump(self, kind: int, header: bytes) -> list:
-        """Bodies of every message a dump request of `kind` answers with."""
+        """Bodies of every message a dump request of `kind` answers with. A dump the kernel
+        marks interrupted (the table changed while it was read: on a busy host, other ADDs) may
+        lack entries, and is read again."""
+        for _attempt in range(DUMP_ATTEMPTS - 1):
+            bodies, interrupted = self._dump_once(kind, header)
+            if not interrupted:
+                return bodies
+        bodies, interrupted = self._dump_once(kind, header)
+        if interrupted:
+            raise NetlinkFailure(errno.EBUSY, f"the dump was interrupted {DUMP_ATTEMPTS} times")
+        return bodies
+
+    def _dump_once(self, kind: int, header: bytes) -> tuple:
         (sequence,) = self._send(((kind, NLM_F_DUMP, header),), 0)
         bodies = []
+        interrupted = False
         while True:
             data = self.sock.recv(1 << 20)
             offset = 0
             while offset + 16 <= len(data):
-                length, answer, _flags, seq, _ = _NLMSGHDR.unpack_from(data, offset)
+                length, answer, flags, seq, _ = _NLMSGHDR.unpack_from(data, offset)
                 if length < 16:
                     break
                 if seq == sequence:
+                    interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
                     if answer == NLMSG_DONE:
                         # Its payload is the dump's own error, if it failed part way.
                         code = -struct.unpack_from("=i", data, offset + 16)[0] if length >= 20 else 0
                         if code:
                             raise NetlinkFailure(code)
-                        return bodies
+                        return bodies, interrupted
                     if answer == NLMSG_ERROR:
                         code = -struct.unpack_from("=i", data, offset + 16)[0]
                         if code:

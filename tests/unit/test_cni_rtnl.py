@@ -79,3 +79,76 @@ def test_ext_ack_text():
     tlvs = rtnl.attr(rtnl.NLMSGERR_ATTR_MSG, b"Nexthop device is not up\0")
     assert rtnl._ext_ack_text(tlvs) == "Nexthop device is not up"
     assert rtnl._ext_ack_text(b"") == ""
+
+
+# --- the request/answer loop, against a fake kernel --------------------------------------------
+
+class FakeKernel:
+    """Stands in for the netlink socket: answers each request through `respond(type, seq)`,
+    which returns a list of datagrams."""
+
+    def __init__(self, respond):
+        self.respond = respond
+        self.pending = []
+        self.requests = []
+
+    def sendall(self, data):
+        offset = 0
+        while offset < len(data):
+            length, kind, flags, seq, _ = struct.unpack_from("=IHHII", data, offset)
+            self.requests.append((kind, flags, seq))
+            self.pending.extend(self.respond(kind, seq))
+            offset += (length + 3) & ~3
+
+    def recv(self, size):
+        return self.pending.pop(0)
+
+
+def message(kind, seq, body=b"", flags=0):
+    return struct.pack("=IHHII", 16 + len(body), kind, flags, seq, 0) + body
+
+
+def ack(seq, code=0, text=""):
+    echoed = struct.pack("=IHHII", 16, 0, 0, seq, 0)
+    tlvs = rtnl.attr(rtnl.NLMSGERR_ATTR_MSG, text.encode() + b"\0") if text else b""
+    flags = rtnl.NLM_F_CAPPED | (rtnl.NLM_F_ACK_TLVS if tlvs else 0)
+    return message(rtnl.NLMSG_ERROR, seq, struct.pack("=i", -code) + echoed + tlvs, flags)
+
+
+def fake_socket(respond):
+    sock = object.__new__(rtnl.RtnlSocket)
+    sock.sock = FakeKernel(respond)
+    sock._sequence = 0
+    return sock
+
+
+def test_request_matches_acks_to_requests_and_keeps_the_kernel_explanation():
+    import errno
+    # The kernel acks the second request first: results still come back in request order.
+    sock = fake_socket(lambda kind, seq: [] if seq == 1 else
+                       [ack(2, errno.ENETDOWN, "Nexthop device is not up") + ack(1)])
+    results = sock.request(rtnl.del_link_request("a"), rtnl.del_link_request("b"))
+    assert results == [(0, ""), (errno.ENETDOWN, "Nexthop device is not up")]
+    assert all(flags & rtnl.NLM_F_ACK for _, flags, _ in sock.sock.requests)
+
+
+def test_an_interrupted_dump_is_read_again():
+    link = struct.pack("=BxHiII", 0, 1, 3, 1, 0) + rtnl.attr_str(rtnl.IFLA_IFNAME, "eth0")
+    answers = []
+
+    def respond(kind, seq):
+        answers.append(seq)
+        flags = rtnl.NLM_F_DUMP_INTR if len(answers) == 1 else 0
+        return [message(rtnl.RTM_NEWLINK, seq, link, flags | 0x2), message(rtnl.NLMSG_DONE, seq, struct.pack("=i", 0))]
+    sock = fake_socket(respond)
+    bodies = sock.dump(rtnl.RTM_GETLINK, rtnl.link_dump_header())
+    assert len(answers) == 2 and [rtnl.parse_link(b)["name"] for b in bodies] == ["eth0"]
+
+
+def test_a_get_of_a_missing_link_raises_its_errno():
+    import errno
+    import pytest
+    sock = fake_socket(lambda kind, seq: [ack(seq, errno.ENODEV)])
+    with pytest.raises(rtnl.NetlinkFailure) as failure:
+        sock.get(rtnl.get_link_request("nope"))
+    assert failure.value.code == errno.ENODEV
