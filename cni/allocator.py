@@ -14,10 +14,21 @@ reach its successor.
 
 The logic (`PoolState`, `allocate`, `release`, `release_unlisted`) is pure and returns new values;
 `AllocationStore` is the only I/O. It keeps one JSON file, rewritten atomically (temporary file,
-fsync, rename) while holding an exclusive `flock` on a separate lock file, so concurrent ADDs, from
+rename) while holding an exclusive `flock` on a separate lock file, so concurrent ADDs, from
 the service's threads or from other processes, never hand out one address twice. Records live
 under `<run-dir>/cni-ipam/` (directory 0700, files 0600): in /run they vanish at reboot together
 with every container network namespace they describe.
+
+Records describe kernel state that does not outlive the boot, so the file is not fsync'ed: every
+process of this boot reads what was written through the page cache, a crashed daemon loses
+nothing, and only a power loss or kernel crash could lose a write, which takes every container
+namespace with it. What such a crash may leave on a disk-backed run dir (a short or empty file
+after the rename) must not block ADDs in the next boot, so the directory holds a marker `boot`
+with the kernel's boot ID, written before the records whenever it is missing or stale: records
+under another boot's marker are those of dead namespaces and are read as empty (and replaced by
+the next write). No marker (records of an older version) means trust the records. An fsync cost
+0.3 ms here on a quiet disk and 100 ms on a busy one, with every ADD of a batch waiting on it.
+Without a boot ID to read, the store falls back to fsync.
 
 A requested address (CNI_ARGS IP=, runtimeConfig.ips) is allocated exactly or not at all. One
 from another host's subnet (a moved workload, see overlay.moves) is recorded with `claimed`
@@ -44,6 +55,20 @@ from cni.errors import AddressUnavailable, PoolExhausted, StateFailure
 STORE_DIR_NAME = "cni-ipam"
 _STATE_FILE = "allocations.json"
 _LOCK_FILE = "lock"
+_BOOT_FILE = "boot"
+_BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+_boot_id_cache: list = []
+
+
+def _boot_id() -> str | None:
+    """This boot's ID (the kernel makes a new one at every boot), None where it cannot be read."""
+    if not _boot_id_cache:
+        try:
+            with open(_BOOT_ID_PATH) as source:
+                _boot_id_cache.append(source.read().strip() or None)
+        except OSError:
+            _boot_id_cache.append(None)
+    return _boot_id_cache[0]
 _FORMAT = 1
 
 
@@ -258,7 +283,7 @@ class AllocationStore:
     the file lock is contended only by other processes. `update` combines the changes of
     concurrent callers (group commit): whichever thread gets the lock applies every change queued
     so far, in arrival order, to the state read under the file lock, and writes the result once,
-    with one fsync; the others find their result ready. A burst of ADDs thus pays one file write
+    once; the others find their result ready. A burst of ADDs thus pays one file write
     per batch instead of queueing one write each behind the lock, while every change is still
     computed against the latest durable state and is durable before its caller goes on.
 
@@ -273,6 +298,7 @@ class AllocationStore:
         self._queue: list[_Change] = []       # changes waiting for the next group commit
         self._queue_lock = threading.Lock()
         self._cached: tuple[bytes, PoolState] | None = None
+        self._marked = False    # the boot marker is known to be this boot's (it cannot change)
 
     def transaction(self) -> "_Transaction":
         return _Transaction(self, exclusive=True)
@@ -338,6 +364,31 @@ class AllocationStore:
         except OSError as exc:
             raise StateFailure(f"cannot create {self.directory}: {exc.strerror}") from None
 
+    def _of_this_boot(self) -> bool:
+        """Whether the records may be trusted: the marker names this boot, or there is none
+        (records of a version before the marker), or no boot ID can be read."""
+        if self._marked:
+            return True
+        boot = _boot_id()
+        marker = _read_all(self.directory / _BOOT_FILE)
+        if boot is None or marker is None:
+            return True
+        if marker.decode("utf-8", "replace").strip() == boot:
+            self._marked = True
+            return True
+        return False
+
+    def _mark_boot(self) -> None:
+        """Write this boot's marker (before the records: see the design note)."""
+        tmp = self.directory / f".{_BOOT_FILE}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, _boot_id().encode() + b"\n")
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.directory / _BOOT_FILE)
+        self._marked = True
+
     def _decode(self, data: bytes) -> PoolState:
         cached = self._cached
         if cached is not None and cached[0] == data:
@@ -398,6 +449,8 @@ class _Transaction:
             # execs (O_CLOEXEC); never fork without exec here.
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH)
             data = _read_all(store.directory / _STATE_FILE)
+            if data is not None and not store._of_this_boot():
+                data = None     # an earlier boot's records: their namespaces are gone
         except OSError as exc:
             self._unlock()
             raise StateFailure(f"cannot read allocation records in {store.directory}: {exc}") from None
@@ -417,11 +470,15 @@ class _Transaction:
         path = self.store.directory / _STATE_FILE
         tmp = self.store.directory / f".{_STATE_FILE}.tmp"
         data = encode_state(state).encode()
+        boot = _boot_id()
         try:
+            if boot is not None and not self.store._marked:
+                self.store._mark_boot()
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 os.write(fd, data)
-                os.fsync(fd)
+                if boot is None:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, path)

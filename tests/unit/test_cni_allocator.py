@@ -263,3 +263,50 @@ def test_encoding_is_one_allocation_a_line_and_round_trips():
         state, _, _ = take(state, key(n))
     text = encode_state(state)
     assert len(text.splitlines()) == 5 and decode_state(text) == state
+
+
+# --- records of an earlier boot (the boot marker) ------------------------------------------------
+
+def _records_with_one_allocation(directory):
+    store = AllocationStore(directory)
+    store.update(_take_change(key(1)))
+    return store
+
+
+def test_the_boot_marker_is_written_before_records_and_names_this_boot(tmp_path):
+    from cni.allocator import _boot_id
+    directory = tmp_path / "ipam"
+    _records_with_one_allocation(directory)
+    assert (directory / "boot").read_text().strip() == _boot_id()
+    assert stat.S_IMODE(os.stat(directory / "boot").st_mode) == 0o600
+    assert [a.key for a in AllocationStore(directory).read().allocations] == [key(1)]
+
+
+def test_records_of_an_earlier_boot_read_as_empty_and_are_replaced(tmp_path):
+    directory = tmp_path / "ipam"
+    _records_with_one_allocation(directory)
+    (directory / "boot").write_text("an-earlier-boot\n")
+    fresh = AllocationStore(directory)
+    assert fresh.read().allocations == () and fresh.lookup(key(1)) is None
+    # even a damaged file (a power loss on a disk-backed run dir) does not block the next ADD
+    (directory / "allocations.json").write_text('{"format": 1, "allocations": [')
+    assert AllocationStore(directory).update(_take_change(key(2))).key == key(2)
+    assert [a.key for a in AllocationStore(directory).read().allocations] == [key(2)]
+    from cni.allocator import _boot_id
+    assert (directory / "boot").read_text().strip() == _boot_id()
+
+
+def test_records_without_a_marker_are_trusted_and_then_marked(tmp_path):
+    """Records written before the marker existed (an upgrade with containers running) are
+    live: they must never be dropped."""
+    directory = tmp_path / "ipam"
+    first = _records_with_one_allocation(directory).read().allocations[0]
+    (directory / "boot").unlink()
+    store = AllocationStore(directory)
+    assert store.lookup(key(1)) == first
+    second = store.update(_take_change(key(2)))
+    assert second.address != first.address and (directory / "boot").exists()
+    # a damaged file of this boot is an error, never silently an empty pool
+    (directory / "allocations.json").write_text("{")
+    with pytest.raises(StateFailure):
+        AllocationStore(directory).read()
