@@ -1,10 +1,19 @@
-"""overlay.firewall against real iptables (nft backend), each test in a fresh namespace
-named ovl-kt-<random>-fw, removed afterwards also when the test fails."""
+"""overlay.firewall against real iptables (nft backend) and nftables, each test in a fresh
+namespace named ovl-kt-<random>-fw, removed afterwards also when the test fails.
+
+Most tests pass netns, which runs the iptables and nft commands in that namespace. The
+in-process path (libnftables, taken when netns is None) acts on the caller's own namespace, so
+those tests run a small Python child under `ip netns exec` that calls overlay.firewall with no
+netns, and check the result with nft in that namespace."""
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
 import subprocess
+import sys
+import textwrap
 import time
 import uuid
 from ipaddress import IPv4Address, IPv4Network
@@ -45,6 +54,54 @@ def ns():
         firewall._applied.pop(name, None)
         firewall._vxlan_applied.pop(name, None)
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture
+def ns2():
+    name = f"ovl-kt-{uuid.uuid4().hex[:6]}-fw2"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Prepended to every in-process child: no subprocess may be started unless the test allows it,
+# so a pass proves the work was done through libnftables in this process.
+CHILD_PRELUDE = """
+import json, logging, subprocess, sys, threading
+from ipaddress import IPv4Address
+from overlay import firewall
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(message)s")
+def _no_subprocess(*args, **kwargs):
+    raise AssertionError(f"subprocess started: {args[0] if args else kwargs}")
+if not ALLOW_SUBPROCESS:
+    subprocess.run = subprocess.Popen = _no_subprocess
+def ips(*last):
+    return [IPv4Address(f"198.18.0.{n}") for n in last]
+result = {}
+"""
+
+
+def in_process(ns: str, body: str, *, allow_subprocess: bool = False) -> tuple[dict, str]:
+    """Run body (Python) in a child inside ns; (the dict it leaves in `result`, its stderr)."""
+    code = (f"ALLOW_SUBPROCESS = {allow_subprocess}\n" + CHILD_PRELUDE + textwrap.dedent(body)
+            + "\nprint(json.dumps(result))\n")
+    done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code], capture_output=True,
+                          text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    if done.returncode != 0:
+        raise AssertionError(f"child in {ns} failed:\n{done.stderr}")
+    return json.loads(done.stdout.splitlines()[-1]), done.stderr
+
+
+def nft_sources(ns: str) -> set[str] | None:
+    done = subprocess.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "set", "ip", "overlay", "vxlan_sources"],
+                          capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        return None
+    return set(next(entry["set"] for entry in json.loads(done.stdout)["nftables"] if "set" in entry).get("elem", []))
 
 
 def test_rules_are_applied_with_masquerade(ns):
@@ -225,3 +282,173 @@ def test_the_filter_at_many_peers(ns, peers):
     assert len(firewall.vxlan_filter_sources(netns=ns)) == peers
     print(f"VXLAN source filter at {peers} peers: " + ", ".join(f"{what} {1000 * t:.0f} ms"
                                                                for what, t in timings.items()))
+
+
+
+# ---------------------------------------------------------------------- in-process (libnftables)
+
+
+def host_filter() -> tuple[int, str]:
+    """Our table in the test runner's own namespace, as nft lists it (or its error)."""
+    done = subprocess.run(["nft", "-s", "list", "table", "ip", firewall.VXLAN_TABLE], capture_output=True, text=True)
+    return done.returncode, done.stdout
+
+
+def test_in_process_sync_writes_the_callers_namespace_without_running_nft(ns):
+    host_before = host_filter()
+    result, _ = in_process(ns, """
+        assert firewall._library() is not None, "libnftables did not load"
+        result["first"] = firewall.sync_vxlan_filter(8472, ips(12, 13))
+        result["again"] = firewall.sync_vxlan_filter(8472, ips(13, 12))
+        result["present"] = firewall.vxlan_filter_present(8472, ips(12, 13))
+        result["joined"] = firewall.sync_vxlan_filter(8472, ips(12, 13, 14))
+        result["left"] = firewall.sync_vxlan_filter(8472, ips(14))
+        result["sources"] = sorted(map(str, firewall.vxlan_filter_sources()))
+    """)
+    assert result == {"first": "table", "again": "", "present": True, "joined": "elements", "left": "elements",
+                      "sources": ["198.18.0.14"]}
+    assert nft_sources(ns) == {"198.18.0.14"}
+    assert "udp dport 8472 ip saddr != @vxlan_sources counter" in vxlan_rule(ns)
+    assert host_filter() == host_before    # the test runner's namespace was not touched
+
+
+def test_in_process_notices_and_repairs_drift_made_by_the_nft_command(ns):
+    result, _ = in_process(ns, """
+        import os
+        def nft(*argv):
+            # the subprocess module is fenced off in the child; drift is made by a real nft all the same
+            assert os.spawnvp(os.P_WAIT, "nft", ["nft", *argv]) == 0
+        firewall.sync_vxlan_filter(8472, ips(12, 13))
+        nft("add", "element", "ip", "overlay", "vxlan_sources", "{ 203.0.113.9 }")
+        result["extra element"] = firewall.sync_vxlan_filter(8472, ips(12, 13))
+        nft("flush", "chain", "ip", "overlay", "vxlan_input")
+        result["rule gone"] = firewall.sync_vxlan_filter(8472, ips(12, 13))
+        # Recreated by hand as an interval set holding a range: not ours, though the names match.
+        nft("delete table ip overlay; add table ip overlay; add set ip overlay vxlan_sources "
+            "{ type ipv4_addr; flags interval; elements = { 198.18.0.12-198.18.0.13 } }")
+        result["not an address"] = firewall.vxlan_filter_present(8472, ips(12, 13))
+        result["range repaired"] = firewall.sync_vxlan_filter(8472, ips(12, 13))
+        nft("delete", "table", "ip", "overlay")
+        result["table gone"] = firewall.vxlan_filter_sources()
+        result["rewritten"] = firewall.sync_vxlan_filter(4789, ips(12, 13))
+        firewall.remove_vxlan_filter()
+        firewall.remove_vxlan_filter()
+        result["removed"] = firewall.vxlan_filter_sources()
+    """)
+    assert result == {"extra element": "elements", "rule gone": "table", "not an address": False,
+                      "range repaired": "table", "table gone": None, "rewritten": "table", "removed": None}
+    assert nft_sources(ns) is None
+
+
+def test_in_process_errors_carry_nfts_own_message(ns):
+    result, _ = in_process(ns, """
+        try:
+            firewall._nft(["add element ip overlay vxlan_sources { 198.18.0.1 }"], None)
+        except firewall.FirewallError as exc:
+            result["missing table"] = str(exc)
+        firewall.sync_vxlan_filter(8472, ips(12))
+        try:
+            firewall._nft(["add element ip overlay vxlan_sources { 198.18.0 }"], None)
+        except firewall.FirewallError as exc:
+            result["syntax"] = str(exc)
+        # A failed command leaves the context usable, its buffers empty.
+        result["after"] = firewall.sync_vxlan_filter(8472, ips(12, 13))
+    """)
+    assert "No such file or directory" in result["missing table"]
+    assert "syntax error" in result["syntax"] and "198.18.0 }" in result["syntax"]
+    assert "nft script was" in result["syntax"]
+    assert result["after"] == "elements"
+    assert nft_sources(ns) == {"198.18.0.12", "198.18.0.13"}
+
+
+def test_in_process_follows_the_calling_threads_namespace(ns, ns2):
+    """The context's netlink socket belongs to the namespace it was made in: a thread that
+    entered another namespace gets a context there, and the first thread's work stays in its own."""
+    result, _ = in_process(ns, f"""
+        import ctypes, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        firewall.sync_vxlan_filter(8472, ips(1))
+        def elsewhere():
+            fd = os.open("/run/netns/{ns2}", os.O_RDONLY)
+            assert libc.setns(fd, 0x40000000) == 0, ctypes.get_errno()   # CLONE_NEWNET, this thread only
+            os.close(fd)
+            firewall._vxlan_applied.clear()
+            result["there"] = firewall.sync_vxlan_filter(8472, ips(2))
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        thread.join()
+        firewall._vxlan_applied.clear()
+        result["back here"] = firewall.sync_vxlan_filter(8472, ips(1, 3))
+    """)
+    assert result == {"there": "table", "back here": "table"}
+    assert nft_sources(ns) == {"198.18.0.1", "198.18.0.3"}
+    assert nft_sources(ns2) == {"198.18.0.2"}
+
+
+def test_in_process_from_several_threads_at_once(ns):
+    """One writer (the daemon's netlink thread) and readers in other threads share the one
+    context: no call fails, and a reader only ever sees a whole transaction's result."""
+    result, _ = in_process(ns, """
+        a, b = ips(1, 2, 3), ips(4, 5)
+        firewall.sync_vxlan_filter(8472, a)
+        errors, seen, stop = [], set(), threading.Event()
+        def writer():
+            try:
+                for i in range(40):
+                    assert firewall.sync_vxlan_filter(8472, b if i % 2 == 0 else a) == "elements"
+            except Exception as exc:
+                errors.append(repr(exc))
+            stop.set()
+        def reader():
+            try:
+                while not stop.is_set():
+                    seen.add(tuple(sorted(map(str, firewall.vxlan_filter_sources()))))
+            except Exception as exc:
+                errors.append(repr(exc))
+        threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        result["errors"] = errors
+        result["seen"] = sorted(seen)
+    """)
+    assert result["errors"] == []
+    assert set(map(tuple, result["seen"])) <= {("198.18.0.1", "198.18.0.2", "198.18.0.3"), ("198.18.0.4", "198.18.0.5")}
+    assert nft_sources(ns) == {"198.18.0.1", "198.18.0.2", "198.18.0.3"}
+
+
+def test_without_libnftables_the_nft_command_is_used_and_it_is_logged_once(ns):
+    result, stderr = in_process(ns, """
+        import ctypes
+        def unloadable(*args, **kwargs):
+            raise OSError("libnftables.so.1: cannot open shared object file")
+        ctypes.CDLL = unloadable
+        result["first"] = firewall.sync_vxlan_filter(8472, ips(12))
+        result["second"] = firewall.sync_vxlan_filter(8472, ips(12, 13))
+        result["library"] = firewall._library() is not None
+    """, allow_subprocess=True)
+    assert result == {"first": "table", "second": "elements", "library": False}
+    assert stderr.count("libnftables not usable") == 1
+    assert nft_sources(ns) == {"198.18.0.12", "198.18.0.13"}
+
+
+def test_the_filter_at_many_peers_in_process(ns):
+    """In-process costs, printed (pytest -s); never asserted on this noisy machine."""
+    result, _ = in_process(ns, """
+        import time
+        for peers in (1000, 5000):
+            sources = [IPv4Address(int(IPv4Address("172.16.0.0")) + i) for i in range(peers)]
+            firewall._vxlan_applied.clear()
+            timings = []
+            for wanted, expect in ((sources, "table"), (sources, ""),
+                                   (sources[1:] + [IPv4Address("198.18.0.99")], "elements")):
+                started = time.perf_counter()
+                assert firewall.sync_vxlan_filter(8472, wanted) == expect
+                timings.append(time.perf_counter() - started)
+            assert len(firewall.vxlan_filter_sources()) == peers
+            result[peers] = timings
+    """)
+    for peers, (whole, unchanged, one) in result.items():
+        print(f"VXLAN source filter in-process at {peers} peers: whole table {1000 * whole:.0f} ms, "
+              f"unchanged {1000 * unchanged:.0f} ms, one left, one joined {1000 * one:.0f} ms")
