@@ -6,7 +6,7 @@ The executable is a short launcher, not a copy of the client:
     import sys
     sys.path.insert(0, "<directory holding the cni package>")
     from cni.plugin import main
-    status = main()
+    status = main(socket_hint="<run dir>/cni.sock")
     import posix
     posix._exit(status)
 
@@ -16,6 +16,9 @@ The executable is a short launcher, not a copy of the client:
   skips `site` (the venv's site-packages are not needed: the client is stdlib-only).
 - Importing `cni.plugin` rather than copying its text keeps one source of truth, and lets Python
   use the cached bytecode; a copied script would be recompiled on every call.
+- `socket_hint`: the service socket of the run dir this launcher is installed for, which the
+  conflist written next to it names, so the client forwards without reading the config (see
+  cni.plugin; a config naming another runDir is still served by that run dir's service).
 - `posix._exit` once main() has returned skips the interpreter's finalization (tearing down
   modules, a last garbage collection): 0.9 ms of the 7 ms of CPU a call costs here, and a runtime
   starting many containers pays it for each. main() has flushed stdout and closed its socket by
@@ -43,16 +46,17 @@ PLUGIN_TYPE = "overlay"
 CONF_FILE_NAME = "10-overlay.conflist"
 
 
-def launcher_text(interpreter: str, package_root: str) -> str:
+def launcher_text(interpreter: str, package_root: str, run_dir: str | None = None) -> str:
     if any(ch.isspace() for ch in interpreter):
         # A shebang line splits on nothing and cannot quote: such a path would not run.
         raise click.ClickException(f"the interpreter path {interpreter!r} contains whitespace; "
                                    "a shebang line cannot hold it")
+    hint = run_dir.rstrip("/") + "/" + spec.SOCKET_NAME if run_dir else None
     return (f"#!{interpreter} -IS\n"
             "import sys\n"
             f"sys.path.insert(0, {package_root!r})\n"
             "from cni.plugin import main\n"
-            "status = main()\n"
+            f"status = main(socket_hint={hint!r})\n"
             "import posix\n"
             "posix._exit(status)\n")
 
@@ -91,7 +95,7 @@ def install(bin_dir: Path, conf_dir: Path, run_dir: str, network_name: str = "ov
     bin_dir.mkdir(parents=True, exist_ok=True)
     conf_dir.mkdir(parents=True, exist_ok=True)
     executable = bin_dir / PLUGIN_TYPE
-    _write_atomically(executable, launcher_text(interpreter, package_root), 0o755)
+    _write_atomically(executable, launcher_text(interpreter, package_root, run_dir), 0o755)
     conf = conf_dir / CONF_FILE_NAME
     _write_atomically(conf, json.dumps(conflist(network_name, run_dir, bridge, portmap), indent=2) + "\n", 0o644)
     return executable, conf

@@ -6,19 +6,23 @@ A runtime execs the plugin once per container and waits. Doing the netlink work 
 `import pyroute2` on every call (125-145 ms), twenty times the whole reference ADD. So the work
 lives in `cni.service`, hosted by `overlayd` with pyroute2 already loaded; this client only:
 
-1. reads the config's `runDir` (the one field it needs to find the service) and forwards the
-   call over `<runDir>/cni.sock`, relaying the answer: the first line of the answer is the exit
-   status, the rest is stdout, already rendered for the requested version. The service parses
-   and validates the whole call with `cni.spec` (it trusts no client), so an input error gets
-   its spec code (1, 2, 4, 6, 7) from there;
+1. forwards the call over `<runDir>/cni.sock`, relaying the answer: the first line of the
+   answer is the exit status, the rest is stdout, already rendered for the requested version.
+   The service parses and validates the whole call with `cni.spec` (it trusts no client), so an
+   input error gets its spec code (1, 2, 4, 6, 7) from there. The launcher `cni.install` writes
+   passes the socket of the run dir it was installed for (`socket_hint`), and the client sends
+   there without reading the config at all; a service whose run dir is not the config's
+   `runDir` answers "elsewhere" instead of acting, and the client then reads `runDir` and
+   forwards to that. Without a hint (a launcher of an older version) it reads `runDir` first;
 2. answers VERSION itself, and validates the call itself with the same `cni.spec` whenever it
    does not reach the service: a config it cannot read, the daemon down or restarting. So every
    input error still gets its spec code while the daemon is down.
 
 Start-up is what a runtime pays on every call, and under a burst of containers it is most of the
 machine's work: the interpreter alone takes about 6.3 ms of CPU here. The forwarding path
-therefore imports only `_socket` (built in) and `_json` (for its C scanner); `cni.spec` and
-`cni.errors` (0.6 ms more) are loaded only for VERSION and on the local path above.
+therefore imports nothing but `_socket` (built in): not `cni.spec` and `cni.errors` (0.3 ms),
+and with a socket hint not even `_json` (a shared library, 0.4 ms); strings are escaped for the
+request with str.translate. The rest is loaded only for VERSION and on the local path above.
 
 When the service cannot be reached: ADD, CHECK and GC fail with code 11 "try again later"; STATUS
 fails with 50 (not available); DEL succeeds when no allocation is recorded for the attachment
@@ -40,14 +44,24 @@ _MAX_FORWARD_BYTES = 1 << 20
 _DEFAULT_RUN_DIR = "/run/overlay"       # spec.DEFAULT_RUN_DIR
 _SOCKET_NAME = "cni.sock"               # spec.SOCKET_NAME
 _FORWARDED = ("ADD", "DEL", "CHECK", "GC", "STATUS")
+# The status line of a service whose run dir is not the config's (cni.service.ELSEWHERE).
+_ELSEWHERE = "elsewhere"
+# JSON string escapes: the control characters, the quote and the backslash.
+_ESCAPES = {code: f"\\u{code:04x}" for code in range(32)}
+_ESCAPES.update({ord('"'): '\\"', ord("\\"): "\\\\", ord("\n"): "\\n", ord("\t"): "\\t"})
 
 
 class _Unreachable(Exception):
     """The service did not take or did not answer the call; the message says why."""
 
 
-def main(environ=None, stdin=None, stdout=None) -> int:
-    """Run one CNI call; returns the exit status. Arguments exist for tests; a runtime uses none."""
+class _Elsewhere(Exception):
+    """The service reached serves another run dir than the config's."""
+
+
+def main(environ=None, stdin=None, stdout=None, socket_hint=None) -> int:
+    """Run one CNI call; returns the exit status. `socket_hint`: the service socket of the run dir
+    the launcher was installed for. The other arguments exist for tests; a runtime uses none."""
     if environ is None:
         import posix    # already loaded by the interpreter; `os` would cost an import here
         environ = {k.decode("utf-8", "surrogateescape"): v.decode("utf-8", "surrogateescape")
@@ -55,33 +69,35 @@ def main(environ=None, stdin=None, stdout=None) -> int:
     if stdin is None:
         stdin = sys.stdin.buffer.read()
     out = stdout if stdout is not None else sys.stdout
-    status, text = run(environ, stdin)
+    status, text = run(environ, stdin, socket_hint)
     if text:
         out.write(text if text.endswith("\n") else text + "\n")
     out.flush()
     return status
 
 
-def run(environ, stdin) -> tuple:
+def run(environ, stdin, socket_hint=None) -> tuple:
     """(exit status, stdout text) for one call; never raises."""
     if isinstance(stdin, str):
         stdin = stdin.encode("utf-8", "surrogateescape")
-    unreachable = None
-    if environ.get("CNI_COMMAND") in _FORWARDED:
-        path = _socket_path(stdin)
+    tried = unreachable = None
+    if environ.get("CNI_COMMAND") in _FORWARDED and len(stdin) <= _MAX_FORWARD_BYTES:
+        path = socket_hint or _socket_path(stdin)
         if path is not None:
             try:
                 return _forward(path, environ, stdin)
+            except _Elsewhere:
+                pass    # read runDir below, and forward there
             except _Unreachable as exc:
-                unreachable = str(exc)
-    return _locally(environ, stdin, unreachable)
+                tried, unreachable = path, str(exc)
+            except UnicodeDecodeError:
+                pass    # the local parse names it (code 6)
+    return _locally(environ, stdin, tried, unreachable)
 
 
 def _socket_path(stdin: bytes):
     """<runDir>/cni.sock from the config, or None when the config is not a JSON object with a
     usable runDir (then the local parse names the problem)."""
-    if len(stdin) > _MAX_FORWARD_BYTES:
-        return None
     import _json
 
     class Context:      # what the C scanner reads from a JSONDecoder
@@ -105,11 +121,18 @@ def _socket_path(stdin: bytes):
     return run_dir.rstrip("/") + "/" + _SOCKET_NAME
 
 
+def _string(text: str) -> str:
+    """A JSON string. Runtimes send ASCII; anything else goes through _json's encoder."""
+    if text.isascii():
+        return '"' + text.translate(_ESCAPES) + '"'
+    from _json import encode_basestring_ascii
+    return encode_basestring_ascii(text)
+
+
 def _forward(path: str, environ, stdin: bytes) -> tuple:
     """Send the call to the service and return its (exit status, stdout)."""
-    from _json import encode_basestring_ascii as string
-    env = ",".join(string(k) + ":" + string(v) for k, v in environ.items() if k.startswith("CNI_"))
-    request = ('{"env":{' + env + '},"stdin":' + string(stdin.decode("utf-8")) + "}").encode()
+    env = ",".join(_string(k) + ":" + _string(v) for k, v in environ.items() if k.startswith("CNI_"))
+    request = ('{"env":{' + env + '},"stdin":' + _string(stdin.decode("utf-8")) + "}").encode()
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.settimeout(SERVICE_TIMEOUT_S)
@@ -129,6 +152,8 @@ def _forward(path: str, environ, stdin: bytes) -> tuple:
         sock.close()
     answer = b"".join(chunks).decode("utf-8")
     status, newline, text = answer.partition("\n")
+    if status == _ELSEWHERE:
+        raise _Elsewhere(path)
     if not newline or not status.isdigit():
         # The service went away mid-answer (daemon restart): nothing half-made stays, since it
         # rolls back what it cannot finish; the runtime may simply retry.
@@ -159,9 +184,9 @@ def _connect(sock, path: str) -> None:
                                "try again later") from None
 
 
-def _locally(environ, stdin: bytes, unreachable) -> tuple:
+def _locally(environ, stdin: bytes, tried, unreachable) -> tuple:
     """VERSION, input errors, and what to answer without the service (see the design note).
-    `unreachable`: why the service did not answer, if it was tried."""
+    `tried`: the socket that did not answer, `unreachable`: why."""
     from cni import spec
     from cni.errors import CniFailure, NotReady, ServiceUnavailable, cni_code
     try:
@@ -171,13 +196,15 @@ def _locally(environ, stdin: bytes, unreachable) -> tuple:
         invocation = spec.parse_invocation(environ, stdin)
     except CniFailure as exc:
         return 1, spec.error_json(spec.version_for_errors(stdin), cni_code(exc), exc.msg, exc.details)
-    if unreachable is None:
-        # Valid, yet not forwarded above: cannot happen while the checks there are looser than
-        # spec's; should it, forward now rather than guess.
+    if invocation.socket_path != tried:
+        # The hinted service serves another run dir, or the socket was not tried at all.
         try:
             return _forward(invocation.socket_path, environ, stdin)
         except _Unreachable as exc:
             unreachable = str(exc)
+        except _Elsewhere:
+            unreachable = (f"the service on {invocation.socket_path} serves another run dir than "
+                           f"{invocation.run_dir}; try again later")
     if invocation.command == "STATUS":
         exc = NotReady(f"the overlay daemon is not running or not ready: {unreachable}")
         return 1, spec.error_json(invocation.version, cni_code(exc), exc.msg)

@@ -9,7 +9,8 @@ namespace, where the bridge and the host ends of the veth pairs live. It can als
 
 Protocol on `<run-dir>/cni.sock` (mode 0600: only root may attach containers): the client sends
 one JSON object `{"env": {CNI_*...}, "stdin": "<network config>"}` and closes its write side;
-the service answers `<exit status>\\n<stdout>` and closes. Each connection gets its own thread;
+the service answers `<exit status>\\n<stdout>` and closes; or `elsewhere\\n` when the config's
+runDir is not its run dir (it does nothing then; the client forwards to the right socket). Each connection gets its own thread;
 calls for different containers run in parallel, and the allocation store keeps their addresses
 apart (its file lock, with the changes of concurrent ADDs and DELs combined into one write: see
 cni.allocator). The service re-parses the call with `cni.spec` (it trusts no client).
@@ -81,6 +82,9 @@ from cni.results import Attachment, add_result, expected_in_prev_result
 
 log = logging.getLogger("overlay.cni")
 
+# The status line answering a call whose config names another run dir: the client was sent
+# here by its launcher's hint (see cni.plugin) and goes to the config's runDir instead.
+ELSEWHERE = "elsewhere"
 HOST_VETH_PREFIX = "ovlv"
 HOST_VETH_MAC_PREFIX = "0a:59"
 BRIDGE_RECHECK_S = 1.0
@@ -546,7 +550,17 @@ class CniService:
         self._thread.join()
         self._server = None
 
-    def answer(self, data: bytes) -> tuple[int, str, str]:
+    def _serves(self, run_dir: str) -> bool:
+        """Whether the config's runDir is this service's run dir (the same directory, by
+        device and inode: a symlinked spelling is the same run dir)."""
+        try:
+            theirs = os.stat(run_dir)
+            ours = os.stat(self.run_dir)
+        except OSError:
+            return False
+        return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+    def answer(self, data: bytes) -> tuple[int | str, str, str]:
         """(exit status, stdout, command) for one request; never raises."""
         version, command = spec.LATEST_VERSION, "?"
         try:
@@ -564,6 +578,8 @@ class CniService:
             if command == "VERSION":
                 return 0, spec.version_answer(stdin), command
             invocation = spec.parse_invocation(environ, stdin)
+            if not self._serves(invocation.run_dir):
+                return ELSEWHERE, "", command
             return 0, self.attacher.handle(invocation), command
         except CniFailure as exc:
             log.warning("CNI %s failed: %s", command, exc.msg)

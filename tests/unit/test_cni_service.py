@@ -86,9 +86,9 @@ def test_malformed_requests_get_spec_errors(service):
         assert code == 1 and error["code"] in (4, 6)
 
 
-def run_plugin(environ, stdin: bytes):
+def run_plugin(environ, stdin: bytes, socket_hint=None):
     out = io.StringIO()
-    code = plugin.main(environ=environ, stdin=stdin, stdout=out)
+    code = plugin.main(environ=environ, stdin=stdin, stdout=out, socket_hint=socket_hint)
     return code, (json.loads(out.getvalue()) if out.getvalue().strip() else None)
 
 
@@ -114,16 +114,59 @@ def test_with_the_service_up_input_errors_get_their_spec_codes_from_it(service, 
     assert run_plugin(env, big)[1]["code"] == 7
 
 
-def test_a_forwarded_call_loads_no_parsing_module(service, tmp_path):
-    """The forwarding path imports only _socket and _json (start-up is what a runtime pays)."""
+@pytest.mark.parametrize("hinted, loaded", [(False, "['_json', 'cni', 'cni.plugin']"),
+                                             (True, "['cni', 'cni.plugin']")])
+def test_a_forwarded_call_loads_no_parsing_module(service, tmp_path, hinted, loaded):
+    """The forwarding path imports no parsing module, and with its launcher's socket hint not
+    even _json (start-up is what a runtime pays)."""
     import subprocess
     import sys
     service.set_ready(True)
     root = os.path.dirname(os.path.dirname(plugin.__file__))
     config = json.dumps({"cniVersion": "1.1.0", "name": "n", "type": "overlay", "runDir": str(tmp_path)})
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from cni import plugin; status = plugin.main(); "
-            "print(sorted(m for m in sys.modules if m.startswith('cni')), file=sys.stderr); sys.exit(status)")
+    hint = repr(str(service.socket_path)) if hinted else "None"
+    code = (f"import sys; sys.path.insert(0, sys.argv[1]); from cni import plugin; "
+            f"status = plugin.main(socket_hint={hint}); "
+            "print(sorted(m for m in sys.modules if m.startswith(('cni', '_json'))), file=sys.stderr); "
+            "sys.exit(status)")
     done = subprocess.run([sys.executable, "-IS", "-c", code, root], input=config.encode(), capture_output=True,
                           env={"CNI_COMMAND": "STATUS", "CNI_PATH": "/x"})
     assert done.returncode == 0, done.stdout
-    assert done.stderr.decode().strip() == "['cni', 'cni.plugin']"
+    assert done.stderr.decode().strip() == loaded
+
+
+def test_a_hint_to_another_run_dirs_service_ends_at_the_configs(tmp_path):
+    """A launcher's hint names one run dir's service, the config another: that service answers
+    'elsewhere' without acting, and the client goes to the config's runDir."""
+    services = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / SUBNET_FILE_NAME).write_text(SUBNET_ENV)
+        services.append(CniService(tmp_path / name))
+        services[-1].start()
+    try:
+        services[1].set_ready(True)      # only b is ready: STATUS tells which one answered
+        config = json.dumps({"cniVersion": "1.1.0", "name": "n", "type": "overlay", "runDir": str(tmp_path / "b")})
+        out = io.StringIO()
+        status = plugin.main(environ={"CNI_COMMAND": "STATUS", "CNI_PATH": "/x"}, stdin=config.encode(),
+                             stdout=out, socket_hint=str(services[0].socket_path))
+        assert status == 0 and out.getvalue() == ""
+        # a symlinked spelling of a's run dir is a's run dir
+        os.symlink(tmp_path / "a", tmp_path / "a-link")
+        link = json.dumps({"cniVersion": "1.1.0", "name": "n", "type": "overlay", "runDir": str(tmp_path / "a-link")})
+        code, error = run_plugin({"CNI_COMMAND": "STATUS", "CNI_PATH": "/x"}, link.encode(),
+                                 socket_hint=str(services[0].socket_path))
+        assert code == 1 and error["code"] == 50 and "not ready" in error["msg"]
+        # the config's run dir has no service: try again later, as without a hint
+        gone = json.dumps({"cniVersion": "1.1.0", "name": "n", "type": "overlay", "runDir": str(tmp_path / "c")})
+        env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/run/netns/x", "CNI_IFNAME": "eth0",
+               "CNI_PATH": "/x"}
+        assert run_plugin(env, gone.encode(), socket_hint=str(services[1].socket_path))[1]["code"] == 11
+    finally:
+        for service in services:
+            service.close()
+
+
+def test_request_strings_are_json():
+    for text in ["", "plain", 'quo"te', "back\\slash", "new\nline\ttab\r\x00\x1f\x7f", "é ü 中", "\udcff"]:
+        assert json.loads(plugin._string(text)) == text
