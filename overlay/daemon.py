@@ -43,12 +43,13 @@ from pathlib import Path
 from . import firewall, sdnotify
 from .config import NetworkConfig, parse_config
 from .claimhook import ClaimFollower, ClaimHook, ClaimKeeper
-from .dataplane import DataplaneState, Underlay, desired_state, plan, vtep_mac, vxlan_sources
+from .dataplane import (DataplaneState, Neighbour, Route, Underlay, desired_state, plan, vtep_mac,
+                        vxlan_sources)
 from .errors import (ConfigError, LeaseLost, OverlayError, StoreError, StoreUnavailable,
                      SubnetsExhausted, WatchCompacted)
 from .etcd import EtcdSettings, EtcdStore, LeaseEvent
 from .health import DaemonStatus, serve_health
-from .kernel import Kernel
+from .kernel import Kernel, KernelChange
 from .lease import DEFAULT_PREFIX, Lease, LeaseAttrs, choose_subnet
 from .moves import moved_away, with_moved_addresses
 from .subnetfile import for_subnet, read_subnet_file, write_subnet_file
@@ -98,6 +99,11 @@ class Daemon:
         self._last_logged_peers: int | None = None
         self._vxlan_filter_removed = False
         self.cni = None                   # the CNI service, once the data plane is ready
+        # What the last successful reconcile left in the kernel; None: read it back next time.
+        self._believed: DataplaneState | None = None
+        self._filtered_sources: frozenset[IPv4Address] | None = None   # in the VXLAN filter now
+        self._suspicions = 0              # counts netlink events and resync ticks
+        self._applying: DataplaneState | None = None   # what the reconcile under way is making
         # Every kernel call runs on this one thread: pyroute2's synchronous API drives an event
         # loop of its own and refuses to run inside ours, and one thread keeps the calls in order.
         self._netlink_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
@@ -287,7 +293,8 @@ class Daemon:
     async def _serve(self) -> int:
         loop = asyncio.get_running_loop()
         drift = await self._in_netlink_thread(
-            self.kernel.watch_drift, lambda: loop.call_soon_threadsafe(self.dirty.set))
+            self.kernel.watch_drift,
+            lambda changes: loop.call_soon_threadsafe(self._on_kernel_changes, changes), None, True)
         tasks = [asyncio.create_task(coro, name=name) for name, coro in (
             ("reconcile", self._reconcile_loop()),
             ("watch", self._watch_loop()),
@@ -318,7 +325,21 @@ class Daemon:
         interval = self.settings.resync_interval
         while True:
             await asyncio.sleep(interval * random.uniform(0.5, 1.0))
-            self.dirty.set()
+            self._mark_kernel_suspect()
+
+    def _on_kernel_changes(self, changes: list[KernelChange] | None) -> None:
+        """Netlink events about our objects. Those that only say what we believe (the echo of
+        our own changes) need no second look; anything else, or anything not described, is drift."""
+        expected = self._believed or self._applying
+        if changes is None or expected is None or not _all_as_expected(changes, expected):
+            self._mark_kernel_suspect()
+
+    def _mark_kernel_suspect(self) -> None:
+        """The kernel may differ from what we believe (a netlink event, or the resync timer):
+        the next reconcile reads it back, and checks forwarding and firewall too."""
+        self._believed = None
+        self._suspicions += 1
+        self.dirty.set()
 
     async def _relist_timer(self) -> None:
         """Re-read every lease now and then, as the kernel is re-read every resync.
@@ -338,11 +359,25 @@ class Daemon:
             await self._reconcile_once()
 
     async def _reconcile_once(self) -> None:
+        """Converge the kernel on the desired state computed from every lease and claim.
+
+        Two depths, one result. When the kernel is suspect (start, resync timer, a netlink event,
+        a failure) the actual state is read back and forwarding and firewall are checked: the
+        level-triggered repair. When only etcd changed, the kernel is taken to hold what the last
+        successful reconcile left (anything else since would have raised a netlink event and made
+        it suspect), so a lease event costs no dump of thousands of objects and no fork of
+        iptables or nft: the change reaches the kernel in milliseconds, even with 5000 peers.
+        """
         started = time.monotonic()
         subnets = desired_state(self.own, self.peers.values(), self.config, self.underlay)
         desired = with_moved_addresses(subnets, self.own, self.peers.values(), self.moves.claims.values())
+        believed, self._believed = self._believed, None   # stays None unless this run succeeds
+        suspect = believed is None
+        suspicions = self._suspicions
+        self._applying = desired
         try:
-            actual = await self._in_netlink_thread(self.kernel.read_state, desired.device.name)
+            actual = (await self._in_netlink_thread(self.kernel.read_state, desired.device.name)
+                      if suspect else believed)
             changes = plan(desired, actual)
             if not changes.empty:
                 for line in changes.describe():
@@ -351,14 +386,22 @@ class Daemon:
                 self.status.changes_applied += len(changes.describe())
             if changes.create_device is not None or not self.status.data_plane_ready:
                 await self._in_netlink_thread(self._apply_host_settings)
-            elif not await self._in_netlink_thread(self._host_settings_present):
+            elif suspect and not await self._in_netlink_thread(self._host_settings_present):
                 log.info("ip forwarding off or firewall rules changed: restoring them")
                 await self._in_netlink_thread(self._apply_host_settings)
-            await self._in_netlink_thread(self._sync_vxlan_filter,
-                                          vxlan_sources(self.own, self.peers.values(), self.config))
+            sources = vxlan_sources(self.own, self.peers.values(), self.config)
+            if suspect or sources != self._filtered_sources:
+                await self._in_netlink_thread(self._sync_vxlan_filter, sources)
+                self._filtered_sources = sources
             await self._announce_moved_away(desired)
+            if self._suspicions == suspicions:
+                # Nothing reported a change meanwhile (our own changes echo back as netlink
+                # events, so after a change the next run reads the kernel once more).
+                self._believed = desired
             self.status.in_sync = True
         except OverlayError as exc:
+            self._filtered_sources = None
+            self._applying = None
             self.status.in_sync = False
             self.status.reconcile_failures += 1
             self.status.problem = f"reconcile failed: {exc}"
@@ -536,11 +579,36 @@ class Daemon:
                     self.dirty.set()
                 else:
                     self.status.lease_expires_at = time.monotonic() + left
-            except StoreUnavailable as exc:
+            except LeaseLost as exc:
+                log.warning("etcd lease of %s is gone (%s): re-acquiring", self.own.subnet, exc)
+                self._mark_lease_lost()
+                self.dirty.set()
+            except (StoreUnavailable, StoreError) as exc:
+                # StoreError too: a member answering "context deadline exceeded" mid-election is
+                # no reason to end the daemon, whose lease the next renewal may still save.
                 self.status.store_reachable = False
                 self.status.problem = f"etcd unreachable: {exc}"
                 log.warning("lease renewal failed: %s (lease has %.0f s left)", exc,
                             self.status.lease_seconds_left())
+
+
+def _all_as_expected(changes: list[KernelChange], expected: DataplaneState) -> bool:
+    """Whether netlink events say only what `expected` holds: objects of it present, objects not
+    in it gone. (A gone neighbour is known by its address alone.)"""
+    neighbour_ips = None
+    for change in changes:
+        item = change.item
+        if isinstance(item, Neighbour) and not change.present:
+            if neighbour_ips is None:
+                neighbour_ips = {neighbour.ip for neighbour in expected.neighbours}
+            if item.ip in neighbour_ips:
+                return False
+            continue
+        held = (expected.routes if isinstance(item, Route) else
+                expected.neighbours if isinstance(item, Neighbour) else expected.fdb)
+        if (item in held) != change.present:
+            return False
+    return True
 
 
 class Backoff:

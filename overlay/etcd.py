@@ -108,7 +108,10 @@ _BROKEN_CONNECTION = ("stream removed", "rst_stream", "goaway", "socket closed",
                       "broken pipe", "too many requests",
                       # gRPC's C core, when a member shuts down under an open stream (seen on
                       # an etcd restart while a watch was open): the stream ends with no status.
-                      "internal error from core")
+                      "internal error from core",
+                      # etcd's own time-outs while a new leader is elected (seen as UNKNOWN on a
+                      # lease renewal right after the leader was killed).
+                      "context deadline exceeded", "request timed out", "leader changed")
 # What gRPC says when TLS fails. A server that refuses our (missing) client certificate shows up
 # only as "Unwrap failed (TSI_DATA_CORRUPTED)": TLS 1.3 finishes the client's side of the handshake
 # before the server's verdict arrives.

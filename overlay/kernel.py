@@ -266,10 +266,9 @@ class Kernel:
             family, ifindex, state, _, _ = _NDMSG.unpack_from(body)
             if family != socket.AF_INET or ifindex != index or not state & NUD_PERMANENT:
                 continue
-            attrs = _attributes(body, _NDMSG.size)
-            dst, mac = attrs.get(NDA_DST), attrs.get(NDA_LLADDR)
-            if dst is not None and len(dst) == 4 and mac:
-                yield Neighbour(IPv4Address(dst), _mac_text(mac))
+            neighbour = _neighbour_from(body)
+            if neighbour is not None:
+                yield neighbour
 
     def _read_fdb(self, index: int) -> Iterable[FdbEntry]:
         request = _NDMSG.pack(AF_BRIDGE, 0, 0, 0, 0) + _rtattr(NDA_IFINDEX, struct.pack("=i", index))
@@ -277,30 +276,18 @@ class Kernel:
             family, ifindex, _, flags, _ = _NDMSG.unpack_from(body)
             if family != AF_BRIDGE or ifindex != index or not flags & NTF_SELF:
                 continue
-            attrs = _attributes(body, _NDMSG.size)
-            dst, mac = attrs.get(NDA_DST), attrs.get(NDA_LLADDR)
-            # The all-zero MAC is the device's default destination (BUM traffic): not a peer.
-            if dst is not None and len(dst) == 4 and mac and mac != _ZERO_MAC_BYTES:
-                yield FdbEntry(_mac_text(mac), IPv4Address(dst))
+            entry = _fdb_entry_from(body)
+            if entry is not None:
+                yield entry
 
     def _read_routes(self, names: dict[int, str]) -> Iterable[Route]:
         # Every route of our protocol in the main table, whatever its device: they are all ours,
         # and one left on a device we no longer use must show up so plan() removes it.
         request = _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
         for body in self._dump(RTM_GETROUTE, request, "list routes"):
-            family, dst_len, _, _, table, protocol, _, _, flags = _RTMSG.unpack_from(body)
-            if family != socket.AF_INET or protocol != ROUTE_PROTOCOL:
-                continue
-            attrs = _attributes(body, _RTMSG.size)
-            if RTA_TABLE in attrs:
-                table = struct.unpack("=I", attrs[RTA_TABLE])[0]
-            if table != RT_TABLE_MAIN:
-                continue
-            dst = attrs.get(RTA_DST, bytes(4))
-            gateway = attrs.get(RTA_GATEWAY, bytes(4))
-            oif = struct.unpack("=i", attrs[RTA_OIF])[0] if RTA_OIF in attrs else 0
-            yield Route(IPv4Network((IPv4Address(dst), dst_len)), IPv4Address(gateway), names.get(oif, ""),
-                        onlink=bool(flags & RTNH_F_ONLINK))
+            route = _our_route_from(body, names)
+            if route is not None:
+                yield route
 
     def _dump(self, kind: int, request: bytes, what: str) -> list[bytes]:
         """The bodies of every message a dump request returns.
@@ -484,10 +471,13 @@ class Kernel:
 
     # ------------------------------------------------------------------ drift
 
-    def watch_drift(self, callback: Callable[[], None], device_name: str | None = None) -> DriftWatch:
+    def watch_drift(self, callback: Callable[..., None], device_name: str | None = None,
+                    detailed: bool = False) -> DriftWatch:
         """Start a thread calling callback() when our device, neighbours, FDB or routes change.
 
-        device_name defaults to the device of the last read_state() or plan applied.
+        device_name defaults to the device of the last read_state() or plan applied. detailed:
+        callback(changes) instead, with the list of KernelChange the events describe, or None
+        when they cannot all be described (a link event, events lost): then anything may differ.
         """
         name = device_name or self._last_device_name
         with self._lock:
@@ -497,7 +487,7 @@ class Kernel:
         except OSError as exc:
             raise KernelError(f"cannot open a netlink event socket: {exc}") from None
         watch = DriftWatch(sock, name, link["index"] if link else None, callback,
-                           on_stop=self._watches.remove)
+                           on_stop=self._watches.remove, detailed=detailed)
         self._watches.append(watch)
         watch.start()
         return watch
@@ -607,6 +597,42 @@ def _attributes(body: bytes, start: int) -> dict[int, bytes]:
         attrs[kind & 0x3FFF] = body[offset + 4:offset + length]
         offset += (length + 3) & ~3
     return attrs
+
+
+def _neighbour_from(body: bytes) -> Neighbour | None:
+    """The IPv4 neighbour an ndmsg describes (its state and device are the caller's to check)."""
+    attrs = _attributes(body, _NDMSG.size)
+    dst, mac = attrs.get(NDA_DST), attrs.get(NDA_LLADDR)
+    if dst is not None and len(dst) == 4 and mac:
+        return Neighbour(IPv4Address(dst), _mac_text(mac))
+    return None
+
+
+def _fdb_entry_from(body: bytes) -> FdbEntry | None:
+    """The VXLAN FDB entry an AF_BRIDGE ndmsg describes, None for the default destination."""
+    attrs = _attributes(body, _NDMSG.size)
+    dst, mac = attrs.get(NDA_DST), attrs.get(NDA_LLADDR)
+    # The all-zero MAC is the device's default destination (BUM traffic): not a peer.
+    if dst is not None and len(dst) == 4 and mac and mac != _ZERO_MAC_BYTES:
+        return FdbEntry(_mac_text(mac), IPv4Address(dst))
+    return None
+
+
+def _our_route_from(body: bytes, names: dict[int, str]) -> Route | None:
+    """The route an rtmsg describes if it is ours (our protocol, main table), else None."""
+    family, dst_len, _, _, table, protocol, _, _, flags = _RTMSG.unpack_from(body)
+    if family != socket.AF_INET or protocol != ROUTE_PROTOCOL:
+        return None
+    attrs = _attributes(body, _RTMSG.size)
+    if RTA_TABLE in attrs:
+        table = struct.unpack("=I", attrs[RTA_TABLE])[0]
+    if table != RT_TABLE_MAIN:
+        return None
+    dst = attrs.get(RTA_DST, bytes(4))
+    gateway = attrs.get(RTA_GATEWAY, bytes(4))
+    oif = struct.unpack("=i", attrs[RTA_OIF])[0] if RTA_OIF in attrs else 0
+    return Route(IPv4Network((IPv4Address(dst), dst_len)), IPv4Address(gateway), names.get(oif, ""),
+                 onlink=bool(flags & RTNH_F_ONLINK))
 
 
 def _mac_text(mac: bytes) -> str:
@@ -770,6 +796,14 @@ def _open_netlink_socket(netns: str | None, groups: int = 0) -> socket.socket:
 
 # ---------------------------------------------------------------------- drift watch
 
+@dataclass(frozen=True)
+class KernelChange:
+    """One of our objects as a netlink event reports it: now present, or now gone. A gone
+    neighbour carries no MAC (mac ""): the kernel does not say which one it was."""
+    present: bool
+    item: Route | Neighbour | FdbEntry
+
+
 class DriftWatch:
     """A thread turning netlink events that may concern our objects into callback() calls.
 
@@ -778,11 +812,18 @@ class DriftWatch:
     link-state change, a delete, a recreate; its index is followed through recreation). Dropped:
     everything else, such as ARP churn on the underlay or containers' links. Events of one
     receive are coalesced into one call.
+
+    Detailed mode also says what the events describe (KernelChange: a route, neighbour or FDB
+    entry of ours now present or gone), so the daemon can tell the echo of its own changes
+    (the kernel announces every change it makes for us, to every listener) from drift.
     """
 
     def __init__(self, sock: socket.socket, device_name: str, device_index: int | None,
-                 callback: Callable[[], None], on_stop: Callable[[DriftWatch], None] | None = None):
+                 callback: Callable[..., None], on_stop: Callable[[DriftWatch], None] | None = None,
+                 detailed: bool = False):
         self._sock = sock
+        self._detailed = detailed
+        self._undescribed = False
         self._device_name = device_name.encode()
         self._device_index = device_index
         self._callback = callback
@@ -825,6 +866,7 @@ class DriftWatch:
             # Drain what is queued before calling back: applying a plan of 5000 peers makes
             # 15000 events, and one call is all the daemon needs to reconcile once more.
             relevant = False
+            changes: list[KernelChange] | None = []
             for _ in range(4096):
                 try:
                     data = self._sock.recv(1 << 20, socket.MSG_DONTWAIT)
@@ -833,43 +875,75 @@ class DriftWatch:
                 except OSError as exc:
                     if exc.errno == errno.ENOBUFS:
                         # The kernel dropped events for us: one of them may have been ours.
-                        relevant = True
+                        relevant, changes = True, None
                         continue
                     if not self._stopped.is_set():
                         log.error("drift watch: netlink receive failed: %s; watch ends", exc)
-                        self._fire()
+                        self._fire(None)
                     return
-                relevant |= self._concerns_us(data)
+                relevant |= self._examine(data, changes)
+                if changes is not None and self._undescribed:
+                    changes = None
             if relevant:
-                self._fire()
+                self._fire(changes)
 
-    def _fire(self) -> None:
+    def _fire(self, changes: list[KernelChange] | None) -> None:
         try:
-            self._callback()
+            if self._detailed:
+                self._callback(changes)
+            else:
+                self._callback()
         except Exception:  # the callback's bug must not end the watch
             log.exception("drift watch callback failed")
 
-    def _concerns_us(self, data: bytes) -> bool:
+    def _examine(self, data: bytes, changes: list[KernelChange] | None) -> bool:
+        """Whether the events concern us; appends what they describe to changes, and sets
+        self._undescribed when one of them cannot be described as a KernelChange."""
         relevant = False
+        self._undescribed = False
         for offset, length, kind, _, _ in _messages(data):
             body = data[offset + _NLMSGHDR.size:offset + length]
             if kind in (RTM_NEWROUTE, RTM_DELROUTE) and len(body) >= _RTMSG.size:
                 family, _, _, _, _, protocol, _, _, _ = _RTMSG.unpack_from(body)
-                relevant |= family == socket.AF_INET and protocol == ROUTE_PROTOCOL
+                if family == socket.AF_INET and protocol == ROUTE_PROTOCOL:
+                    relevant = True
+                    names = {self._device_index: self._device_name.decode()} if self._device_index else {}
+                    route = _our_route_from(body, names)
+                    self._note(changes, kind == RTM_NEWROUTE, route if route and route.device else None)
             elif kind in (RTM_NEWNEIGH, RTM_DELNEIGH) and len(body) >= _NDMSG.size:
-                family, ifindex, state, _, _ = _NDMSG.unpack_from(body)
-                if self._device_index is not None and ifindex == self._device_index:
-                    # Any FDB change; a neighbour deleted, or set permanent. Not the ARP state
-                    # changes of non-permanent entries, which are none of ours.
-                    relevant |= family == AF_BRIDGE or kind == RTM_DELNEIGH or bool(state & NUD_PERMANENT)
+                family, ifindex, state, flags, _ = _NDMSG.unpack_from(body)
+                if self._device_index is None or ifindex != self._device_index:
+                    continue
+                if family == AF_BRIDGE:
+                    relevant = True
+                    entry = _fdb_entry_from(body) if flags & NTF_SELF else None
+                    self._note(changes, kind == RTM_NEWNEIGH, entry)
+                elif kind == RTM_DELNEIGH:
+                    # The kernel announces a deleted neighbour without its MAC (first marked
+                    # FAILED, then deleted): what is known is that its address has none now.
+                    relevant = True
+                    dst = _attributes(body, _NDMSG.size).get(NDA_DST)
+                    gone = Neighbour(IPv4Address(dst), "") if dst is not None and len(dst) == 4 else None
+                    self._note(changes, False, gone)
+                elif state & NUD_PERMANENT:
+                    # A neighbour set permanent. Not the ARP state changes of non-permanent
+                    # entries, which are none of ours.
+                    relevant = True
+                    self._note(changes, True, _neighbour_from(body))
             elif kind in (RTM_NEWLINK, RTM_DELLINK) and len(body) >= _IFINFOMSG.size:
                 index = _IFINFOMSG.unpack_from(body)[2]
                 name = _attributes(body, _IFINFOMSG.size).get(IFLA_IFNAME, b"").rstrip(b"\0")
                 if name == self._device_name:
                     # Follow the device through a delete and re-create: its index changes.
                     self._device_index = index if kind == RTM_NEWLINK else None
-                    relevant = True
+                    relevant = self._undescribed = True
                 elif index == self._device_index:  # renamed away from our name
                     self._device_index = None
-                    relevant = True
+                    relevant = self._undescribed = True
         return relevant
+
+    def _note(self, changes: list[KernelChange] | None, present: bool, item) -> None:
+        if item is None:
+            self._undescribed = True
+        elif changes is not None:
+            changes.append(KernelChange(present, item))

@@ -464,3 +464,42 @@ def test_thousand_peers(lab):
     print(f"\n1000 peers: apply {applied:.3f} s, read_state {read:.3f} s")
     assert actual == wanted
     assert len(actual.routes) == len(actual.neighbours) == len(actual.fdb) == 1000
+
+
+def test_detailed_drift_tells_the_echo_of_our_changes_from_drift(lab):
+    """The daemon skips re-reading the kernel when events only echo what it just applied: the
+    detailed watch must describe both kinds exactly."""
+    from overlay.daemon import _all_as_expected
+
+    a, b, c = lab(), lab(), lab()
+    a.converge([b])
+    batches: list = []
+    arrived = threading.Event()
+
+    def collect(changes):
+        batches.append(changes)
+        arrived.set()
+
+    watch = a.kernel.watch_drift(collect, DEVICE, detailed=True)
+    try:
+        # Our own change: c joins. Every event describes an object of the new desired state.
+        want = a.desired([b, c])
+        a.converge([b, c])
+        assert arrived.wait(10)
+        wait_for(lambda: sum(len(batch or []) for batch in batches) >= 3, what="three echoes (neigh, fdb, route)")
+        assert all(batch is not None for batch in batches)
+        echoed = [change for batch in batches for change in batch]
+        assert {type(change.item).__name__ for change in echoed} == {"Route", "Neighbour", "FdbEntry"}
+        assert _all_as_expected(echoed, want)
+
+        # Drift: a route and a neighbour of the desired state deleted by hand.
+        for delete in (["route", "del", str(c.subnet), "dev", DEVICE],
+                       ["neigh", "del", str(c.subnet.network_address), "dev", DEVICE]):
+            batches.clear()
+            arrived.clear()
+            a.ip(*delete)
+            assert arrived.wait(10), delete
+            drift = [change for batch in batches for change in (batch or [])]
+            assert drift and not _all_as_expected(drift, want), delete
+    finally:
+        watch.stop()

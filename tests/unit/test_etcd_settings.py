@@ -138,6 +138,9 @@ def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     (grpc.StatusCode.UNKNOWN, "Stream removed", True),
     (grpc.StatusCode.INTERNAL, "Received RST_STREAM with error code 2", True),
     (grpc.StatusCode.INTERNAL, "Internal error from Core", True),   # a member shut down under a stream
+    (grpc.StatusCode.UNKNOWN, "context deadline exceeded", True),   # mid-election, on a lease renewal
+    (grpc.StatusCode.UNKNOWN, "etcdserver: request timed out", True),
+    (grpc.StatusCode.UNKNOWN, "etcdserver: leader changed", True),
     (grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: too many requests", True),
     (grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: mvcc: database space exceeded", False),
     (grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: key is not provided", False),
