@@ -132,6 +132,25 @@ def test_repeated_add_returns_the_same_result(host, containers):
         assert plugin.run("DEL", plugin.config(), "rep", path)[0] == 0
 
 
+def test_a_bridge_removed_behind_the_services_back_is_made_again(host, containers):
+    """The service remembers the bridge's index for a second; an ADD that finds it gone (the
+    veth request names a master that no longer exists) checks the bridge again and retries."""
+    host_ns, _, plugin = host
+    first, second = containers("br1"), containers("br2")
+    assert plugin.run("ADD", plugin.config(), "br1", first)[0] == 0
+    try:
+        ip("link", "del", "ovl-cni0", netns=host_ns)
+        status, result = plugin.run("ADD", plugin.config(), "br2", second)
+        assert status == 0, result
+        bridge = ip_json("-d", "link", "show", "dev", "ovl-cni0", netns=host_ns)[0]
+        veth = ip_json("-d", "link", "show", "dev", host_ifname("br2", "eth0"), netns=host_ns)[0]
+        assert veth["master"] == "ovl-cni0" and "UP" in bridge["flags"]
+        assert container_state(second)["default"] == ["10.244.3.1"]
+    finally:
+        plugin.run("DEL", plugin.config(), "br1", first)
+        plugin.run("DEL", plugin.config(), "br2", second)
+
+
 def test_container_reaches_its_gateway(host, containers):
     _, _, plugin = host
     path = containers("ping")
