@@ -14,6 +14,7 @@ Design notes
   module there with `run(results_dir: Path, smoke: bool, progress) -> dict` that writes
   `<results_dir>/cni.json` (with a `table` field, see bench.report). Until one exists, `cni`
   says it is not yet available.
+- SIGTERM is turned into KeyboardInterrupt, so a killed run still tears its lab down.
 - Heavy imports (the lab, matplotlib) happen inside the command, so `overlayctl --help` stays fast.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 import traceback
 from dataclasses import replace
@@ -102,6 +104,8 @@ def bench_command(which, smoke, results_dir, repeats, seconds, hosts, joins, pee
     from .common import RESULTS_DIR
     from .report import write_report
     results_dir = results_dir or RESULTS_DIR
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so every lab's finally tears it down.
+    signal.signal(signal.SIGTERM, _interrupt)
     if which != "report" and os.geteuid() != 0:
         raise click.ClickException("the benchmarks build a lab: run as root")
     overrides = {"repeats": repeats, "seconds": seconds, "hosts": _ints(hosts), "joins": joins,
@@ -121,6 +125,10 @@ def bench_command(which, smoke, results_dir, repeats, seconds, hosts, joins, pee
     click.echo(f"table: {readme}")
     if failed:
         raise click.ClickException(f"failed: {', '.join(failed)}")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main() -> None:

@@ -10,11 +10,14 @@ Design notes
   time.time() on each response before anything else, one line per event on stdout:
       CREATED                                   once the watch is registered with etcd
       <unix time>\t<PUT|DELETE>\t<key>\t<value>   per event (flannel's values hold no tabs)
-- Run as `python -m bench.stampwatch ENDPOINT PREFIX`; it runs until killed.
+- Run as `python -m bench.stampwatch ENDPOINT PREFIX`; it runs until killed, or until the
+  benchmark that started it is gone (it lives in the root namespace, where no lab teardown
+  would find it: a benchmark killed outright must not leave it behind).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -46,6 +49,14 @@ def main(argv: list[str]) -> int:
         yield rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(key=prefix, range_end=prefix_end(prefix)))
         forever.wait()   # keep the stream open; the process is killed to stop
 
+    parent = os.getppid()
+
+    def exit_with_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
     out = sys.stdout
     for response in stub.Watch(requests()):
         now = time.time()
