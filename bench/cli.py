@@ -3,17 +3,20 @@
 Design notes
 - One click command, `bench_command`, so overlayctl registers it beside its other optional
   commands and `python -m bench` runs the same thing. WHICH is throughput, latency,
-  convergence, scale, cni, all (every one, in that order) or report (only regenerate the table
-  and plots from the JSON already there).
+  convergence, scale, cni, moves, all (every one, in that order) or report (only regenerate the
+  table and plots from the JSON already there).
 - Full runs by default; `--smoke` gives the tiny sizes `make test` uses. Options override one
   knob of the chosen profile (`--repeats`, `--seconds`, `--hosts`, `--peers`, `--joins`,
-  `--idle-seconds`) without touching the others.
+  `--idle-seconds`, `--moves`) without touching the others. `--hosts` is a list for convergence;
+  moves takes its one value (the largest, when several are given).
 - A failing benchmark does not stop `all`: the others still run, the report is regenerated from
   whatever JSON exists, and the command exits non-zero naming what failed.
 - cni: the CNI plugin's benchmark lives with its authors in bench/cni*.py. The contract: a
   module there with `run(results_dir: Path, smoke: bool, progress) -> dict` that writes
   `<results_dir>/cni.json` (with a `table` field, see bench.report). Until one exists, `cni`
-  says it is not yet available.
+  says it is not yet available. (bench/cni_bench.py is that module.)
+- moves (issue 7): bench.moves, `run(results_dir, hosts, moves, progress)`; 10 hosts and 5 moves
+  in full, 3 hosts and 1 move in smoke (the least it needs: a TCP client on neither end).
 - SIGTERM is turned into KeyboardInterrupt, so a killed run still tears its lab down.
 - Heavy imports (the lab, matplotlib) happen inside the command, so `overlayctl --help` stays fast.
 """
@@ -30,7 +33,7 @@ from pathlib import Path
 
 import click
 
-BENCHMARKS = ("throughput", "latency", "convergence", "scale", "cni")
+BENCHMARKS = ("throughput", "latency", "convergence", "scale", "cni", "moves")
 
 
 def _ints(text: str | None) -> tuple[int, ...] | None:
@@ -81,6 +84,14 @@ def run_benchmark(name: str, results_dir: Path, smoke: bool, overrides: dict, qu
             progress("not yet available (the CNI benchmark, bench/cni*.py, does not exist yet)")
             return None
         return module.run(results_dir, smoke=smoke, progress=progress)
+    elif name == "moves":
+        from . import moves as module
+        sizes = dict(module.SMOKE) if smoke else {"hosts": 10, "moves": 5}
+        if overrides.get("hosts"):
+            sizes["hosts"] = max(overrides["hosts"])
+        if overrides.get("moves") is not None:
+            sizes["moves"] = overrides["moves"]
+        return module.run(results_dir, hosts=sizes["hosts"], moves=sizes["moves"], progress=progress)
     else:
         raise click.BadParameter(f"unknown benchmark {name!r}")
     return module.run(results_dir, options, progress)
@@ -93,14 +104,15 @@ def run_benchmark(name: str, results_dir: Path, smoke: bool, overrides: dict, qu
               help="where JSON, plots and README.md go [default: bench/results]")
 @click.option("--repeats", type=int, help="rounds per figure (throughput, latency, scale)")
 @click.option("--seconds", type=float, help="throughput: seconds per iperf3 run")
-@click.option("--hosts", "hosts", help="convergence: host counts, e.g. 2,5,10,20,50")
+@click.option("--hosts", "hosts", help="convergence: host counts, e.g. 2,5,10,20,50; moves: one host count")
 @click.option("--joins", type=int, help="convergence: joins per host count")
 @click.option("--peers", "peers", help="scale: peer counts, e.g. 1000,5000")
 @click.option("--idle-seconds", type=float, help="scale: the idle CPU window")
+@click.option("--moves", "moves", type=int, help="moves: how many moves")
 @click.option("--quiet", is_flag=True, help="no progress lines")
-def bench_command(which, smoke, results_dir, repeats, seconds, hosts, joins, peers, idle_seconds, quiet):
+def bench_command(which, smoke, results_dir, repeats, seconds, hosts, joins, peers, idle_seconds, moves, quiet):
     """Benchmarks against the references, in a lab of their own: WHICH of throughput, latency,
-    convergence, scale, cni, all; or report (redraw table and plots from the JSON)."""
+    convergence, scale, cni, moves, all; or report (redraw table and plots from the JSON)."""
     from .common import RESULTS_DIR
     from .report import write_report
     results_dir = results_dir or RESULTS_DIR
@@ -109,7 +121,7 @@ def bench_command(which, smoke, results_dir, repeats, seconds, hosts, joins, pee
     if which != "report" and os.geteuid() != 0:
         raise click.ClickException("the benchmarks build a lab: run as root")
     overrides = {"repeats": repeats, "seconds": seconds, "hosts": _ints(hosts), "joins": joins,
-                 "peers": _ints(peers), "idle_seconds": idle_seconds}
+                 "peers": _ints(peers), "idle_seconds": idle_seconds, "moves": moves}
     failed = []
     names = BENCHMARKS if which == "all" else (() if which == "report" else (which,))
     for name in names:

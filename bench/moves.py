@@ -13,9 +13,11 @@ hosts and one container each, one container moves from host to host; per move we
 Probing: each other container runs `ping -D -i 0.005` at the moved address from before the move
 until it is answered after it; iputils stamps each reply with the wall clock (gettimeofday), so
 no polling of ours sits between the event and its time. The attach stamp is the same wall
-clock, taken when `Lab.move_container` saw ADD return. Target from the issue: under 1 s for both.
+clock, taken when `Lab.move_container` saw ADD return. Target from the issue: under 1 s for both,
+judged on the slowest move, at 10 hosts (a smaller lab, as in the smoke run, says "not tested").
 
     python -m bench.moves [--hosts 10] [--moves 5] [--results-dir DIR]
+    overlayctl bench moves [--hosts 10] [--moves 5]    # the same, and the table (bench.report)
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ import threading
 import time
 from pathlib import Path
 
-from .common import RESULTS_DIR, Progress, bench_lab, summary, write_result
+from .common import RESULTS_DIR, Progress, bench_lab, machine, now_iso, summary, write_result
 
 _STAMP = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from")
+TARGET_MS = 1000.0
+TARGET_HOSTS = 10
+SMOKE = {"hosts": 3, "moves": 1}
 
 SERVER = r"""
 import socket
@@ -157,7 +162,11 @@ def one_move(lab, mover: str, to_host: str, tcp_from: str, progress) -> dict:
 
 def run(results_dir: Path = RESULTS_DIR, hosts: int = 10, moves: int = 5, progress=None) -> dict:
     progress = progress or Progress("moves")
+    if hosts < 3:
+        raise ValueError("moves needs at least 3 hosts (the TCP client sits on neither end of a move)")
+    started, where = now_iso(), machine()
     with bench_lab() as lab:
+        lab_name = lab.name
         progress(f"lab {lab.name}: {hosts} hosts, one container each")
         lab.up(hosts=hosts, containers=1)
         lab.wait_converged(timeout=120)
@@ -170,11 +179,21 @@ def run(results_dir: Path = RESULTS_DIR, hosts: int = 10, moves: int = 5, progre
             # The TCP client sits on a host that is neither end of this move.
             tcp_from = next(c.name for c in lab.containers if c.name != mover and c.host not in (current, target))
             rounds.append(one_move(lab, mover, target, tcp_from, progress))
-    payload = {"hosts": hosts, "moves": rounds,
-               "reach_all_ms": summary([r["reach_all_ms"] for r in rounds], digits=1),
-               "tcp_longest_pause_ms": summary([r["tcp_longest_pause_ms"] for r in rounds], digits=1),
+    payload = {"benchmark": "moves", "started": started, "machine": where, "lab": lab_name,
+               "options": {"hosts": hosts, "moves": moves}, "hosts": hosts, "moves": rounds,
+               "reach_all_ms": summary([r["reach_all_ms"] for r in rounds], tail=True, digits=1),
+               "reach_median_ms": summary([r["reach_median_ms"] for r in rounds], digits=1),
+               "tcp_longest_pause_ms": summary([r["tcp_longest_pause_ms"] for r in rounds], tail=True, digits=1),
                "add_ms": summary([r["add_ms"] for r in rounds], digits=1),
                "del_ms": summary([r["del_ms"] for r in rounds], digits=1)}
+    tested = hosts >= TARGET_HOSTS
+    payload["target"] = {
+        "what": f"every other container answers and the TCP pause ends under {TARGET_MS:.0f} ms, slowest move, "
+                f"at {TARGET_HOSTS} hosts",
+        "ms": TARGET_MS, "hosts": TARGET_HOSTS,
+        "met": {"reach": (max(r["reach_all_ms"] for r in rounds) < TARGET_MS) if tested and rounds else None,
+                "tcp_pause": (max(r["tcp_longest_pause_ms"] for r in rounds) < TARGET_MS) if tested and rounds else None}}
+    payload["finished"] = now_iso()
     path = write_result(results_dir, "moves", payload)
     progress(f"every other container reaches the moved address: median {payload['reach_all_ms']['median']} ms, "
              f"max {payload['reach_all_ms']['max']} ms after the attach; TCP longest pause: median "

@@ -8,6 +8,7 @@ Design notes
 - Cells show the median and, in brackets, the spread the JSON holds (p5-p95, which with few runs
   is close to min-max), and n where it is small. Ratios are medians of per-round ratios.
 - Plots use matplotlib's Agg backend (no display); error bars are p5..p95.
+- moves (issue 7) has its own section and plot here, like the four lab benchmarks.
 - A benchmark this module does not know (the CNI one, written by its own module) is shown from
   its `table` field: {"title", "columns": [...], "rows": [[...], ...], "notes": [...]}, and its
   `plot` field (a PNG file name beside the JSON) when it drew one.
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from .common import read_results
 
-ORDER = ("throughput", "latency", "convergence", "scale", "cni")
+ORDER = ("throughput", "latency", "convergence", "scale", "cni", "moves")
 PATH_ORDER = ("container", "handmade_container", "overlay", "handmade", "underlay")
 SHORT = {"container": "containers, ours", "handmade_container": "containers, hand-built",
          "overlay": "hosts, ours", "handmade": "hosts, hand-built", "underlay": "underlay"}
@@ -176,12 +177,41 @@ def scale_section(p: dict) -> list[str]:
     return out + ["", _machine_line(p), "", "![scale](scale.png)", ""]
 
 
+def moves_section(p: dict) -> list[str]:
+    opts = p.get("options", {})
+    out = ["## Moves (a container keeps its address on another host)", "",
+           f"{opts.get('hosts', p.get('hosts'))} lab hosts, one container each; one container moves host to host "
+           f"{opts.get('moves', len(p.get('moves', [])))} times (DEL on the old host, ADD with `IP=` its address on "
+           "the next). Reach: from ADD returning on the new host until every other container's `ping -D -i 0.005` "
+           "at the address is answered (iputils' wall-clock stamps; negative = answered before ADD returned); "
+           "the slowest container is the move's figure. TCP pause: the longest gap between round trips of an "
+           "8-byte echo every 10 ms from a container on a third host, across the move, on one connection that "
+           "must survive. Median [p5–p95] over moves, p99 and max beside.", ""]
+    rows = []
+    for label, key in (("attach → every other container answers (ms)", "reach_all_ms"),
+                       ("attach → median container answers (ms)", "reach_median_ms"),
+                       ("TCP longest pause across the move (ms)", "tcp_longest_pause_ms"),
+                       ("DEL on the old host (ms)", "del_ms"), ("ADD on the new host (ms)", "add_ms")):
+        stat = p.get(key)
+        if not stat:
+            continue
+        rows.append([label, cell(stat, 1), _num(stat.get("p99"), 1), _num(stat.get("max"), 1)])
+    out += _table(["per move", "median [p5–p95]", "p99", "max"], rows)
+    target = p.get("target", {})
+    if target:
+        met = target.get("met", {})
+        out += ["", f"Target {target.get('what')}: reach {_verdict(met.get('reach'))}, "
+                    f"TCP pause {_verdict(met.get('tcp_pause'))}."]
+    return out + ["", _machine_line(p), "", "![moves](moves.png)", ""]
+
+
 def generic_section(name: str, p: dict) -> list[str]:
     table = p.get("table") or {}
     out = [f"## {table.get('title', name)}", ""]
     if table.get("columns"):
         out += _table(table["columns"], table.get("rows", []))
-    out += [""] + list(table.get("notes", []))
+    for note in table.get("notes", []):      # each note a paragraph of its own
+        out += ["", note]
     if p.get("machine"):
         out += ["", _machine_line(p)]
     if p.get("plot"):
@@ -190,7 +220,7 @@ def generic_section(name: str, p: dict) -> list[str]:
 
 
 SECTIONS = {"throughput": throughput_section, "latency": latency_section,
-            "convergence": convergence_section, "scale": scale_section}
+            "convergence": convergence_section, "scale": scale_section, "moves": moves_section}
 
 
 # ------------------------------------------------------------------------------- plots
@@ -306,8 +336,29 @@ def plot_scale(p: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_moves(p: dict, path: Path) -> None:
+    plt = _plt()
+    moves = p.get("moves", [])
+    xs = list(range(1, len(moves) + 1))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(xs, [m["reach_all_ms"] for m in moves], "o-", label="attach → every other container answers")
+    ax.plot(xs, [m["reach_median_ms"] for m in moves], "s:", label="attach → median container answers")
+    ax.plot(xs, [m["tcp_longest_pause_ms"] for m in moves], "^--", label="TCP longest pause")
+    ax.axhline(p.get("target", {}).get("ms", 1000), color="red", linestyle=":", label="target")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([f"{m['from']}→{m['to']}" for m in moves], fontsize=8)
+    ax.set_ylabel("ms")
+    ax.set_yscale("symlog", linthresh=10)
+    ax.set_ylim(top=3 * p.get("target", {}).get("ms", 1000))
+    ax.set_title(f"A container moving between hosts ({p.get('hosts')} hosts)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 PLOTS = {"throughput": plot_throughput, "latency": plot_latency, "convergence": plot_convergence,
-         "scale": plot_scale}
+         "scale": plot_scale, "moves": plot_moves}
 
 
 def write_report(results_dir: Path) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 
 import pytest
 from click.testing import CliRunner
@@ -38,9 +39,14 @@ def smoke_results(tmp_path_factory):
     outcome = CliRunner().invoke(bench_command, ["all", "--smoke", "--quiet", "--results-dir", str(results)],
                                  catch_exceptions=False)
     assert outcome.exit_code == 0, outcome.output
-    # Every benchmark tore its own lab down.
-    made = {json.loads(path.read_text())["lab"] for path in results.glob("*.json")}
-    assert len(made) == 4 and not made & set(lab_names())
+    # Every benchmark tore its own lab down (cni makes namespaces of its own, not a lab).
+    payloads = {path.stem: json.loads(path.read_text()) for path in results.glob("*.json")}
+    assert set(payloads) == {"throughput", "latency", "convergence", "scale", "cni", "moves"}
+    made = {payload["lab"] for payload in payloads.values() if "lab" in payload}
+    assert len(made) == 5 and not made & set(lab_names())
+    tag = payloads["cni"]["namespace_tag"]
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"ovl-ct-bench-{tag}" not in left
     return results
 
 
@@ -100,9 +106,39 @@ def test_scale_smoke(smoke_results):
     assert (smoke_results / "scale.png").stat().st_size > 0
 
 
+def test_cni_smoke(smoke_results):
+    payload = load(smoke_results, "cni")
+    options = payload["options"]
+    figures = payload["results"]
+    for command in ("ADD", "CHECK", "DEL"):
+        sequential, concurrent = figures["sequential"][command], figures["concurrent"][command]
+        for plugin in ("ours", "reference"):
+            assert _stat_ok(sequential[plugin], n=options["rounds"]) and "p99" in sequential[plugin]
+            assert _stat_ok(concurrent[plugin], n=options["bursts"] * options["concurrent"])
+        assert _stat_ok(sequential["ratio"], n=options["rounds"]) and concurrent["ratio_of_medians"] > 0
+    assert _stat_ok(figures["burst_total_ms"]["ours"], n=options["bursts"])
+    assert _stat_ok(figures["cpu_per_add_ms"]["ours_total"]) and _stat_ok(figures["cpu_per_add_ms"]["reference"])
+    table = payload["table"]
+    assert table["title"] and all(len(row) == len(table["columns"]) for row in table["rows"])
+    assert len(table["rows"]) == 8 and table["notes"]
+    assert (smoke_results / payload["plot"]).stat().st_size > 0
+
+
+def test_moves_smoke(smoke_results):
+    payload = load(smoke_results, "moves")
+    assert payload["options"] == {"hosts": 3, "moves": 1}
+    move = payload["moves"][0]
+    assert move["from"] != move["to"] and move["tcp_round_trips"] > 0
+    assert move["reach_all_ms"] >= move["reach_median_ms"]
+    for key in ("reach_all_ms", "tcp_longest_pause_ms", "add_ms", "del_ms"):
+        assert _stat_ok(payload[key], n=1), key
+    assert payload["target"]["met"] == {"reach": None, "tcp_pause": None}     # not run at 10 hosts
+    assert (smoke_results / "moves.png").stat().st_size > 0
+
+
 def test_table_regenerated_from_json(smoke_results):
     table = (smoke_results / "README.md").read_text()
-    for heading in ("## Throughput", "## Latency", "## Convergence", "## Scale"):
+    for heading in ("## Throughput", "## Latency", "## Convergence", "## Scale", "## CNI plugin", "## Moves"):
         assert heading in table
     # `report` alone rebuilds the same table from the JSON.
     before = table
