@@ -336,6 +336,12 @@ def underlay_warnings() -> list[str]:
     return []
 
 
+def underlay_mac(address: IPv4Address) -> str:
+    """A lab endpoint's eth0 MAC: locally administered, unicast, the IPv4 address in its last
+    four bytes (a /24 of 198.18.0.0/15 is unique within a lab, labs use disjoint /24s)."""
+    return "02:00:" + ":".join(f"{octet:02x}" for octet in address.packed)
+
+
 def first_free_underlay(taken: Iterable[IPv4Network], pool: IPv4Network = UNDERLAY_POOL) -> IPv4Network:
     """The first /24 of pool that overlaps nothing in taken (routes, addresses, other labs)."""
     taken = list(taken)
@@ -705,6 +711,9 @@ class Lab:
         _ip_batch(root)
         for netns, address in endpoints:
             _ip_batch([f"link set lo up",
+                       # A MAC derived from the address: a host removed and added again with the
+                       # same address keeps it, so no neighbour on the underlay holds a stale one.
+                       f"link set {HOST_IFACE} address {underlay_mac(address)}",
                        f"addr add {address}/{self.underlay.prefixlen} dev {HOST_IFACE}",
                        f"link set {HOST_IFACE} up",
                        f"route add default via {self.gateway}"], netns=netns)

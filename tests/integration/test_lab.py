@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from overlay.lab import (LAB_ROOT, Lab, LabError, list_links, list_netns, netns_pids, pid_alive,
-                         teardown, wait_until)
+                         teardown, underlay_mac, wait_until)
 from overlay.lab_cli import lab as lab_command
 
 BIN = Path(sys.executable).parent
@@ -100,6 +100,12 @@ def test_up_status_down(lab_name):
         lab.remove_host("h2")
         assert f"ovl-{lab_name}-h2" not in lab_objects(lab_name)
         assert [host.name for host in lab.hosts] == ["h1", "h3", "h4"]
+        # Added again, h2 comes back with its address and its MAC: neighbours on the underlay
+        # that still hold the old entry are right.
+        again = lab.add_host(start_daemon=False)
+        assert (again.name, again.public_ip) == ("h2", IPv4Address(report["hosts"][1]["public_ip"]))
+        link = json.loads(lab.exec("h2", ["ip", "-j", "link", "show", "eth0"], check=True).stdout)[0]
+        assert link["address"] == underlay_mac(again.public_ip)
         pids = lab_pids(lab_name)
         assert pids  # etcd runs inside its namespace
     assert_gone(lab_name, pids)

@@ -1,6 +1,6 @@
 """Pure parts of the lab: names that fit the interface limit, and the choice of underlay /24."""
 
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
@@ -30,3 +30,10 @@ def test_first_free_underlay_skips_what_is_routed_or_claimed():
 def test_a_full_pool_is_a_clear_error():
     with pytest.raises(LabError, match="in use"):
         first_free_underlay([IPv4Network("198.18.0.0/15")])
+
+
+def test_underlay_mac_is_unicast_local_and_follows_the_address():
+    from overlay.lab import underlay_mac
+    mac = underlay_mac(IPv4Address("198.18.3.11"))
+    assert mac == "02:00:c6:12:03:0b"
+    assert underlay_mac(IPv4Address("198.18.3.11")) == mac != underlay_mac(IPv4Address("198.18.3.12"))
