@@ -10,14 +10,32 @@ neighbours, FDB entries and routes wanted, the way flannel programs them per pee
 `plan()` diffs desired against the actual state read from the kernel into an ordered `Plan`.
 Neither function does I/O; the netlink layer (overlay.kernel) reads actual state and applies a
 plan, and is the only code that talks to the kernel.
+
+Both run on every lease event, over every peer (thousands), so they are written for the case
+where almost nothing changed since the previous call:
+
+- Neighbour, FdbEntry and Route hash once, when made. A frozen dataclass otherwise rehashes its
+  fields on every set insert and lookup, and an `ipaddress` value hashes in Python each time.
+- What one peer's lease contributes (its route, neighbour and FDB entry, whether it is a peer at
+  all) is remembered per Lease object, for the inputs that decide it (own lease, config,
+  underlay). The daemon keeps the Lease objects of unchanged peers from one event to the next,
+  so an event builds new values only for the leases that changed, and the desired state shares
+  all other objects with the previous one.
+- `plan()` starts from the set differences, which compare shared objects by identity and reuse
+  the hashes the sets hold; only the few changed values are then looked at one by one.
+
+None of this changes a result: the cache is a memo of a pure function of its key, and
+tests/unit/test_dataplane_fast.py checks each function against the plain computation.
 """
 
 from __future__ import annotations
 
 import hashlib
+import operator
+import threading
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 from .config import NetworkConfig
 from .lease import Lease
@@ -51,16 +69,42 @@ class VxlanDevice:
         return (self.vni, self.port, self.local_ip, self.underlay_iface)
 
 
+# Neighbour, FdbEntry and Route define __hash__ themselves (so @dataclass keeps it): the hash the
+# dataclass would compute, hash of the field tuple, computed once in __post_init__ and kept in
+# the instance dict (not a field: equality, ordering, repr and replace() are the dataclass's).
+# A route and a neighbour also keep, from first use, the key plan() matches them by (a route's
+# destination, a neighbour's IP) as plain integers, which hash in C, unlike IPv4Network and
+# IPv4Address.
+
 @dataclass(frozen=True, order=True)
 class Neighbour:
     ip: IPv4Address
     mac: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.ip, self.mac)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __getattr__(self, name: str) -> Any:  # only for attributes not (yet) set
+        if name != "_key":
+            raise AttributeError(name)
+        key = _address_key(self.ip)
+        object.__setattr__(self, "_key", key)
+        return key
 
 
 @dataclass(frozen=True, order=True)
 class FdbEntry:
     mac: str
     dst: IPv4Address
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.mac, self.dst)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass(frozen=True, order=True)
@@ -70,6 +114,38 @@ class Route:
     device: str
     onlink: bool = True
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.dst, self.gateway, self.device, self.onlink)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __getattr__(self, name: str) -> Any:  # only for attributes not (yet) set
+        if name != "_key":
+            raise AttributeError(name)
+        key = _network_key(self.dst)
+        object.__setattr__(self, "_key", key)
+        return key
+
+
+_match_key = operator.attrgetter("_key")
+
+
+def _address_key(address: Any) -> Any:
+    """A key equal for equal addresses, cheap to hash: (version, integer)."""
+    try:
+        return (address.version, int(address))
+    except (AttributeError, TypeError, ValueError):
+        return address  # not an ipaddress value: the value itself is its key
+
+
+def _network_key(network: Any) -> Any:
+    """A key equal for equal networks, cheap to hash: (version, integer, prefix length)."""
+    try:
+        return (network.version, int(network.network_address), network.prefixlen)
+    except (AttributeError, TypeError, ValueError):
+        return network
+
 
 @dataclass(frozen=True)
 class DataplaneState:
@@ -77,6 +153,17 @@ class DataplaneState:
     neighbours: frozenset[Neighbour] = frozenset()
     fdb: frozenset[FdbEntry] = frozenset()
     routes: frozenset[Route] = frozenset()
+
+    def _keys(self, attribute: str) -> tuple[frozenset, bool]:
+        """The match keys of the routes or neighbours, and whether no two share one; worked
+        out on first use and kept, as the state is immutable (not a field: equality ignores it)."""
+        cached = self.__dict__.get("_keys_" + attribute)
+        if cached is None:
+            items = getattr(self, attribute)
+            keys = frozenset(map(_match_key, items))
+            cached = (keys, len(keys) == len(items))
+            object.__setattr__(self, "_keys_" + attribute, cached)
+        return cached
 
 
 def vtep_mac(public_ip: IPv4Address, vni: int) -> str:
@@ -107,22 +194,40 @@ def desired_device(own_subnet: IPv4Network, config: NetworkConfig, underlay: Und
 def desired_state(own: Lease, peers: Iterable[Lease], config: NetworkConfig,
                   underlay: Underlay) -> DataplaneState:
     device = desired_device(own.subnet, config, underlay)
-    usable = [peer for peer in peers if _is_peer(peer, own, config)]
 
-    # One FDB entry per MAC: should two leases ever announce the same VtepMAC with different
-    # public IPs, the newest write wins rather than the kernel keeping whichever came first.
-    newest_by_mac: dict[str, Lease] = {}
-    neighbours, routes = set(), set()
-    for peer in sorted(usable, key=lambda lease: lease.mod_revision):
-        gateway = peer.subnet.network_address
+    def contribution(peer: Lease) -> tuple:
+        """(route, neighbour, fdb entry) this peer's lease asks for; (None, None, None) if it
+        is not a peer. A direct route needs no neighbour or FDB entry."""
+        if not _is_peer(peer, own, config):
+            return None, None, None
         if _direct_route_ok(peer, config, underlay):
-            routes.add(Route(peer.subnet, peer.attrs.public_ip, underlay.iface, onlink=False))
+            return Route(peer.subnet, peer.attrs.public_ip, underlay.iface, onlink=False), None, None
+        gateway = peer.subnet.network_address
+        return (Route(peer.subnet, gateway, device.name, onlink=True),
+                Neighbour(gateway, peer.attrs.vtep_mac),
+                FdbEntry(peer.attrs.vtep_mac, peer.attrs.public_ip))
+
+    context = ("desired_state", own.subnet, own.attrs.public_ip, config, underlay)
+    # One FDB entry per MAC: should two leases ever announce the same VtepMAC with different
+    # public IPs, the newest write (highest mod_revision; of equal ones the later in `peers`)
+    # wins rather than the kernel keeping whichever came first.
+    newest_revision: dict[str, int] = {}
+    newest_fdb: dict[str, FdbEntry] = {}
+    neighbours: list[Neighbour] = []
+    routes: list[Route] = []
+    for peer, (route, neighbour, fdb) in _per_lease(context, peers, contribution):
+        if route is None:
             continue
-        newest_by_mac[peer.attrs.vtep_mac] = peer
-        neighbours.add(Neighbour(gateway, peer.attrs.vtep_mac))
-        routes.add(Route(peer.subnet, gateway, device.name, onlink=True))
-    fdb = {FdbEntry(mac, lease.attrs.public_ip) for mac, lease in newest_by_mac.items()}
-    return DataplaneState(device, frozenset(neighbours), frozenset(fdb), frozenset(routes))
+        routes.append(route)
+        if neighbour is None:
+            continue
+        neighbours.append(neighbour)
+        mac = fdb.mac
+        held = newest_revision.get(mac)
+        if held is None or peer.mod_revision >= held:
+            newest_revision[mac] = peer.mod_revision
+            newest_fdb[mac] = fdb
+    return DataplaneState(device, frozenset(neighbours), frozenset(newest_fdb.values()), frozenset(routes))
 
 
 def vxlan_sources(own: Lease, peers: Iterable[Lease], config: NetworkConfig) -> frozenset[IPv4Address]:
@@ -131,7 +236,42 @@ def vxlan_sources(own: Lease, peers: Iterable[Lease], config: NetworkConfig) -> 
     Peers reached by a direct route are included too: they may still see us over VXLAN (their
     view of the underlay can differ from ours), and their address is a peer's all the same.
     flannel hosts sharing the etcd hold leases like ours, so they are in this set as well."""
-    return frozenset(peer.attrs.public_ip for peer in peers if _is_peer(peer, own, config))
+    context = ("vxlan_sources", own.subnet, own.attrs.public_ip, config)
+    is_peer = _per_lease(context, peers, lambda peer: _is_peer(peer, own, config))
+    return frozenset([peer.attrs.public_ip for peer, peer_ok in is_peer if peer_ok])
+
+
+# The per-lease memo: for each context (a function and the inputs other than the lease that its
+# answer depends on), id(lease) -> (lease, answer). The entry holds the lease, so its id cannot
+# be reused while the entry lives, and a hit also checks identity. A context's table is cut back
+# to the leases of the latest call once it holds twice as many (leases replaced since), and only
+# the most recently used contexts are kept (one host: desired state and VXLAN sources; tests
+# and the lab: a few hosts in one process).
+_MEMO_CONTEXTS = 8
+_memo: dict[tuple, dict[int, tuple]] = {}
+_memo_lock = threading.Lock()
+
+
+def _per_lease(context: tuple, peers: Iterable[Lease], compute: Callable[[Lease], Any]) -> list[tuple[Lease, Any]]:
+    """[(peer, compute(peer)) for peer in peers], from the memo where the lease was seen before."""
+    with _memo_lock:
+        table = _memo.pop(context, None)
+        if table is None:
+            table = {}
+        _memo[context] = table  # now the most recently used
+        while len(_memo) > _MEMO_CONTEXTS:
+            del _memo[next(iter(_memo))]
+    answers = []
+    for peer in peers:
+        entry = table.get(id(peer))
+        if entry is None or entry[0] is not peer:
+            entry = table[id(peer)] = (peer, compute(peer))
+        answers.append(entry)
+    if len(table) > 2 * len(answers) + 64:
+        with _memo_lock:
+            if _memo.get(context) is table:
+                _memo[context] = {id(entry[0]): entry for entry in answers}
+    return answers
 
 
 def _is_peer(peer: Lease, own: Lease, config: NetworkConfig) -> bool:
@@ -202,19 +342,43 @@ def plan(desired: DataplaneState, actual: DataplaneState) -> Plan:
         # A new device starts empty: everything has to be programmed again.
         actual = DataplaneState(None)
 
-    routes_by_dst = {route.dst: route for route in actual.routes}
-    neighbours_by_ip = {n.ip: n for n in actual.neighbours}
-    desired_route_dsts = {route.dst for route in desired.routes}
-    desired_neighbour_ips = {n.ip for n in desired.neighbours}
+    delete_routes, replace_routes = _keyed_diff(desired, actual, "routes")
+    delete_neighbours, replace_neighbours = _keyed_diff(desired, actual, "neighbours")
     return Plan(
         device_name=desired.device.name,
         create_device=create,
         recreate_device=recreate,
         update_device=update,
-        delete_routes=tuple(sorted(r for r in actual.routes if r.dst not in desired_route_dsts)),
+        delete_routes=delete_routes,
         delete_fdb=tuple(sorted(actual.fdb - desired.fdb)),
-        delete_neighbours=tuple(sorted(n for n in actual.neighbours if n.ip not in desired_neighbour_ips)),
-        replace_neighbours=tuple(sorted(n for n in desired.neighbours if neighbours_by_ip.get(n.ip) != n)),
+        delete_neighbours=delete_neighbours,
+        replace_neighbours=replace_neighbours,
         replace_fdb=tuple(sorted(desired.fdb - actual.fdb)),
-        replace_routes=tuple(sorted(r for r in desired.routes if routes_by_dst.get(r.dst) != r)),
+        replace_routes=replace_routes,
     )
+
+
+def _keyed_diff(desired: DataplaneState, actual: DataplaneState, attribute: str) -> tuple[tuple, tuple]:
+    """Routes (by destination) or neighbours (by IP): (to delete, to replace), each sorted.
+
+    Delete what actual holds under a key desired has nothing for; replace what desired holds
+    unless actual holds exactly it under that key (a route with another gateway is replaced,
+    not deleted and added). Both come from the set differences: an item in both states is
+    neither deleted (its key is wanted) nor replaced, as long as actual holds only it under its
+    key. Should actual hold two under one key (never from desired_state; a kernel could), every
+    desired item is compared with the one actual holds last under its key, the plain way.
+    """
+    wanted, held = getattr(desired, attribute), getattr(actual, attribute)
+    added, removed = wanted - held, held - wanted
+    _, actual_keys_unique = actual._keys(attribute)
+    if removed:
+        wanted_keys, _ = desired._keys(attribute)
+        deletes = tuple(sorted(item for item in removed if item._key not in wanted_keys))
+    else:
+        deletes = ()
+    if actual_keys_unique:
+        replaces = tuple(sorted(added))
+    else:
+        held_by_key = {item._key: item for item in held}
+        replaces = tuple(sorted(item for item in wanted if held_by_key.get(item._key) != item))
+    return deletes, replaces

@@ -36,7 +36,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Iterable
 
 from .claims import Claim
-from .dataplane import DataplaneState, Route
+from .dataplane import DataplaneState, Route, _network_key, _per_lease
 from .lease import Lease
 
 
@@ -47,21 +47,29 @@ def is_own_claim(claim: Claim, own: Lease) -> bool:
 def moved_routes(routes: Iterable[Route], own: Lease, peers: Iterable[Lease],
                  claims: Iterable[Claim]) -> frozenset[Route]:
     """The /32 routes for addresses claimed by other hosts, derived from the subnet routes."""
-    route_to = {route.dst: route for route in routes}
-    holder = {peer.subnet: peer for peer in peers}
+    followed = [claim for claim in claims if not is_own_claim(claim, own)]
+    if not followed:
+        return frozenset()  # the usual case: no need to index thousands of routes and peers
+    # Index only the subnets claimants hold, by a key equal for equal networks that hashes in C
+    # (Route keeps its own; a lease's is memoized per Lease object, as desired_state does).
+    claimed = {_network_key(claim.attrs.subnet) for claim in followed}
+    route_to = {route._key: route for route in routes if route._key in claimed}
+    holder = {key: peer for peer, key in _per_lease(("subnet key",), peers, _subnet_key) if key in claimed}
     wanted = set()
-    for claim in claims:
-        if is_own_claim(claim, own):
-            continue
+    for claim in followed:
         subnet = claim.attrs.subnet
-        peer = holder.get(subnet)
-        via = route_to.get(subnet)
+        peer = holder.get(_network_key(subnet))
+        via = route_to.get(_network_key(subnet))
         if peer is None or via is None or peer.attrs.public_ip != claim.attrs.public_ip:
             continue  # a claimant we do not route to (gone, not a peer, or a stale claim)
         if claim.address in subnet:
             continue  # already reached through the claimant's subnet route
         wanted.add(replace(via, dst=IPv4Network((claim.address, 32))))
     return frozenset(wanted)
+
+
+def _subnet_key(lease: Lease):
+    return _network_key(lease.subnet)
 
 
 def with_moved_addresses(base: DataplaneState, own: Lease, peers: Iterable[Lease],
