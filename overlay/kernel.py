@@ -715,12 +715,17 @@ class _IPRouteThread:
     run_until_complete(), which asyncio refuses in a thread where a loop is already running, as
     in the daemon's main thread; created there it even adopts the daemon's loop. So the IPRoute
     is created and used only in this worker thread, and callers wait for its answers.
+
+    For another namespace the worker thread enters it (setns acts on one thread) before it
+    opens the socket, and stays there. pyroute2's own netns mode forks a helper process from
+    this multi-threaded one instead, and that child can deadlock on a lock some other thread
+    held at the fork (seen: a benchmark hung in IPRoute(netns=...)).
     """
 
     def __init__(self, netns: str | None):
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="overlay-pyroute2")
         try:
-            self._ipr = self._worker.submit(lambda: IPRoute(netns=netns, flags=0) if netns else IPRoute()).result()
+            self._ipr = self._worker.submit(_iproute_in, netns).result()
         except BaseException:
             self._worker.shutdown(wait=False)
             raise
@@ -744,6 +749,25 @@ class _IPRouteThread:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def _enter_netns(netns: str) -> None:
+    """Move the calling thread into network namespace netns (FileNotFoundError if none)."""
+    fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"setns into {netns}: {os.strerror(code)}")
+    finally:
+        os.close(fd)
+
+
+def _iproute_in(netns: str | None) -> IPRoute:
+    """An IPRoute whose socket lives in netns; for another namespace, the calling thread moves
+    there for good (it is the dedicated worker of _IPRouteThread)."""
+    if netns is not None:
+        _enter_netns(netns)
+    return IPRoute()
+
+
 def _in_netns(netns: str | None, function: Callable):
     """Run function in network namespace netns (None: here) and return what it returns.
 
@@ -756,13 +780,7 @@ def _in_netns(netns: str | None, function: Callable):
 
     def enter_and_run() -> None:
         try:
-            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    code = ctypes.get_errno()
-                    raise OSError(code, f"setns into {netns}: {os.strerror(code)}")
-            finally:
-                os.close(fd)
+            _enter_netns(netns)
             result["value"] = function()
         except BaseException as exc:  # handed over to the caller's thread below
             result["error"] = exc
