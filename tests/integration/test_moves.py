@@ -22,6 +22,7 @@ import pytest
 from cni.runtime import Attachment, PluginFailed
 from overlay.lab import Lab, LabError, wait_until
 from overlay.lease import DEFAULT_PREFIX
+from bench.moves import SERVER   # the echo server the benchmark moves, the same here
 from tests.support.lab import unique_lab_name
 
 CLAIMS = f"{DEFAULT_PREFIX}/claims/"
@@ -157,20 +158,6 @@ def host_links(lab: Lab, host: str) -> set[str]:
 
 
 # --- a TCP connection across the move ----------------------------------------------------------
-
-SERVER = r"""
-import socket, sys
-listener = socket.socket()
-listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-listener.bind(("0.0.0.0", 5555)); listener.listen(1)
-print("listening", flush=True)
-conn, _ = listener.accept()
-while True:
-    data = conn.recv(65536)
-    if not data:
-        break
-    conn.sendall(data)
-"""
 
 CLIENT = r"""
 import socket, sys, time
