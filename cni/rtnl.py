@@ -216,7 +216,8 @@ def parse_route(body: bytes) -> dict:
             "gateway": attrs.get(RTA_GATEWAY), "oif": _U32.unpack(oif)[0] if oif is not None else None}
 
 
-def _ext_ack_text(tlvs: bytes) -> str:
+def ext_ack_text(tlvs: bytes) -> str:
+    """The kernel's own explanation in an extended ack's attributes, or ""."""
     raw = attributes(tlvs, 0).get(NLMSGERR_ATTR_MSG)
     return raw.split(b"\0", 1)[0].decode(errors="replace") if raw else ""
 
@@ -304,7 +305,7 @@ class RtnlSocket:
                     detail = ""
                     if code and flags & NLM_F_ACK_TLVS:
                         echoed = _NLMSGHDR.size if flags & NLM_F_CAPPED else _U32.unpack_from(data, offset + 20)[0]
-                        detail = _ext_ack_text(data[offset + 20 + echoed:offset + length])
+                        detail = ext_ack_text(data[offset + 20 + echoed:offset + length])
                     results[pending.pop(sequence)] = (code, detail)
                 offset += (length + 3) & ~3
         return results

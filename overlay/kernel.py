@@ -58,6 +58,18 @@ from typing import Callable, Iterable
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from cni.rtnl import (IFLA_IFNAME, NETLINK_CAP_ACK, NETLINK_EXT_ACK, NETLINK_ROUTE, NLM_F_ACK, NLM_F_ACK_TLVS,
+                      NLM_F_CAPPED, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REPLACE, NLM_F_REQUEST,
+                      NLMSG_DONE, NLMSG_ERROR, RTM_DELLINK, RTM_GETROUTE, RTM_NEWLINK, RTM_NEWROUTE,
+                      SOL_NETLINK)
+# One netlink codec for the project (stdlib only): the daemon's and the CNI service's messages
+# are packed and parsed by the same few functions.
+from cni.rtnl import attr as _rtattr
+from cni.rtnl import attributes as _attributes
+from cni.rtnl import ext_ack_text as _ext_ack_message
+from cni.rtnl import mac_bytes as _mac_bytes
+from cni.rtnl import mac_text as _mac_text
+
 from .dataplane import DataplaneState, FdbEntry, Neighbour, Plan, Route, Underlay, VxlanDevice
 from .errors import DeviceNotFound, KernelError
 
@@ -70,29 +82,13 @@ ROUTE_PROTOCOL = 211
 
 BATCH_SIZE = 256  # requests per sendmsg(); their acks (36 bytes each) fit the receive buffer easily
 
-# Constants from <linux/netlink.h>, <linux/rtnetlink.h>, <linux/neighbour.h>, <linux/if.h>.
-NETLINK_ROUTE = 0
-SOL_NETLINK = 270
-NETLINK_CAP_ACK = 10
-NETLINK_EXT_ACK = 11
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NLM_F_DUMP_INTR = 0x10
-NLM_F_DUMP = 0x300
-NLM_F_REPLACE = 0x100
-NLM_F_CREATE = 0x400
-NLM_F_CAPPED = 0x100      # in an ack: the request's payload was not echoed back
-NLM_F_ACK_TLVS = 0x200    # in an ack: extended ack attributes follow
-NLMSGERR_ATTR_MSG = 1
-RTM_NEWLINK, RTM_DELLINK = 16, 17
-RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+# Constants from <linux/rtnetlink.h>, <linux/neighbour.h>, <linux/if.h> that the CNI service's
+# codec (cni.rtnl, which this module shares) does not need.
+RTM_DELROUTE = 25
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
 RTMGRP_LINK = 0x1
 RTMGRP_NEIGH = 0x4
 RTMGRP_IPV4_ROUTE = 0x40
-IFLA_IFNAME = 3
 IFF_UP = 0x1
 IFA_F_SECONDARY = 0x1
 NUD_NOARP = 0x40
@@ -586,17 +582,6 @@ def _messages(data: bytes):
         offset += (length + 3) & ~3
 
 
-def _attributes(body: bytes, start: int) -> dict[int, bytes]:
-    """A message's top-level attributes by type (nested ones are left packed)."""
-    attrs = {}
-    offset = start
-    while offset + 4 <= len(body):
-        length, kind = struct.unpack_from("=HH", body, offset)
-        if length < 4:
-            break
-        attrs[kind & 0x3FFF] = body[offset + 4:offset + length]
-        offset += (length + 3) & ~3
-    return attrs
 
 
 def _neighbour_from(body: bytes) -> Neighbour | None:
@@ -635,17 +620,10 @@ def _our_route_from(body: bytes, names: dict[int, str]) -> Route | None:
                  onlink=bool(flags & RTNH_F_ONLINK))
 
 
-def _mac_text(mac: bytes) -> str:
-    return ":".join(f"{octet:02x}" for octet in mac)
 
 
-def _rtattr(kind: int, payload: bytes) -> bytes:
-    length = 4 + len(payload)
-    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
 
 
-def _mac_bytes(mac: str) -> bytes:
-    return bytes.fromhex(mac.replace(":", ""))
 
 
 def _neighbour_request(neighbour: Neighbour, device: str, index: int, delete: bool = False) -> _Request:
@@ -686,16 +664,6 @@ def _acks(sock: socket.socket, expected: set[int]):
             yield sequence, code, detail
 
 
-def _ext_ack_message(tlvs: bytes) -> str:
-    offset = 0
-    while offset + 4 <= len(tlvs):
-        length, kind = struct.unpack_from("=HH", tlvs, offset)
-        if length < 4:
-            break
-        if kind & 0x3FFF == NLMSGERR_ATTR_MSG:
-            return tlvs[offset + 4:offset + length].split(b"\0", 1)[0].decode(errors="replace")
-        offset += (length + 3) & ~3
-    return ""
 
 
 def _translate(exc: NetlinkError, what: str) -> KernelError:

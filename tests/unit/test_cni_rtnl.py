@@ -77,8 +77,8 @@ def test_parse_link_reads_a_kernel_layout():
 
 def test_ext_ack_text():
     tlvs = rtnl.attr(rtnl.NLMSGERR_ATTR_MSG, b"Nexthop device is not up\0")
-    assert rtnl._ext_ack_text(tlvs) == "Nexthop device is not up"
-    assert rtnl._ext_ack_text(b"") == ""
+    assert rtnl.ext_ack_text(tlvs) == "Nexthop device is not up"
+    assert rtnl.ext_ack_text(b"") == ""
 
 
 # --- the request/answer loop, against a fake kernel --------------------------------------------
