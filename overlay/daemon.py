@@ -176,7 +176,7 @@ class Daemon:
         # containers finds the plugin's socket answering.
         self.cni = self._start_cni_service()
         self.status.data_plane_ready = True
-        log.info("ready: subnet %s, %d peers, %.2f s after start", self.own.subnet, len(self._programmed_peers()),
+        log.info("ready: subnet %s, %d peers, %.2f s after start", self.own.subnet, len(self.peers),
                  time.monotonic() - self.status.started_at)
         sdnotify.notify(f"READY=1\nSTATUS=subnet {self.own.subnet}")
 
@@ -452,9 +452,6 @@ class Daemon:
         if done:
             log.info("VXLAN accepted from %d peer address(es) (%s rewritten)", len(sources),
                      "set" if done == "elements" else "filter table")
-
-    def _programmed_peers(self) -> list[Lease]:
-        return list(self.peers.values())
 
     def _write_subnet_file(self) -> None:
         contents = for_subnet(self.config.network, self.own.subnet,
