@@ -73,7 +73,10 @@ def throughput_section(p: dict) -> list[str]:
     opts = p.get("options", {})
     out = ["## Throughput (iperf3, Gbit/s)", "",
            f"Between two lab hosts, container to container and host to host; {opts.get('repeats')} rounds of {opts.get('seconds')} s per "
-           f"mode and path, paths interleaved. UDP: unlimited rate, {p.get('udp_datagram_bytes')}-byte datagrams "
+           f"mode and path, paths interleaved"
+           + ("; compared paths back to back in ABBA order, client on CPU 0 and server on CPU 1"
+              if opts.get("pin_cpus") else "")
+           + f". UDP: unlimited rate, {p.get('udp_datagram_bytes')}-byte datagrams "
            "on every path, receiver's rate. Median [p5–p95]; ratios are medians of per-round ratios.", ""]
     results = p.get("results", {})
     paths = [name for name in PATH_ORDER if name in p.get("paths", {})]

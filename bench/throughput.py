@@ -4,11 +4,16 @@ Design notes
 - One lab of two hosts; paths from bench.paths (all between the same two namespaces). An iperf3
   server per path runs in the server's namespace bound to that path's address, each on its own
   port, for the whole benchmark; the client runs in the other host's namespace.
-- Rounds: in each round every (mode, path) pair runs once, paths in a rotating order, so slow
-  minutes of a noisy machine hit every path alike. Ratios (bench.paths.COMPARISONS: ours /
+- Rounds: in each round every (mode, path) pair runs once. The paths a target compares run
+  back to back (ours, then the hand-built one; the other way round in the next round: ABBA),
+  and the pairs themselves rotate, so a slow minute of a noisy machine hits both sides of a
+  comparison alike instead of landing between them. Ratios (bench.paths.COMPARISONS: ours /
   hand-built for hosts and for containers, ours / underlay, container / host) are computed per
   round and mode from the two runs of that round, then summarised. Target from issue 5: ours >=
   0.98 x the hand-built VXLAN, container to container when the lab can attach containers.
+- CPUs: with two or more CPUs, the iperf3 client runs on CPU 0 and the server on CPU 1 (`-A
+  0,1`) on every path. Left to the scheduler, sender and receiver sometimes share a CPU and
+  sometimes not, which moves a 2-CPU machine's figures by more than the 2% the target is about.
 - TCP figures are the receiver's (`sum_received`), after `--omit` warm-up seconds when the run is
   long enough. UDP runs unlimited (`-b 0`) with one datagram size for every path, the largest
   that fits the overlay MTU without fragmenting (MTU - 28), and the figure is what the receiver
@@ -20,6 +25,7 @@ Design notes
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -36,13 +42,31 @@ MODES = ("tcp1", "tcp4", "udp")
 
 @dataclass(frozen=True)
 class ThroughputOptions:
-    seconds: float = 6.0
-    repeats: int = 5
+    seconds: float = 5.0
+    repeats: int = 6       # even: each order of an ABBA pair runs equally often
     omit: int = 1          # warm-up seconds iperf3 leaves out (when seconds > 2 * omit)
+    pin_cpus: bool = True  # client on CPU 0, server on CPU 1 (when there are two)
 
     @classmethod
     def smoke(cls) -> "ThroughputOptions":
         return cls(seconds=1.0, repeats=1, omit=0)
+
+
+def round_order(paths: list["NetPath"], round_index: int) -> list["NetPath"]:
+    """The paths of one round: each compared pair back to back, in ABBA order across rounds,
+    the pairs (and lone paths) rotating from round to round."""
+    by_name = {path.name: path for path in paths}
+    blocks, placed = [], set()
+    for a, b in COMPARISONS:
+        if a in by_name and b in by_name and not {a, b} & placed:
+            blocks.append([by_name[a], by_name[b]])
+            placed |= {a, b}
+    blocks += [[path] for path in paths if path.name not in placed]
+    shift = round_index % len(blocks)
+    ordered = blocks[shift:] + blocks[:shift]
+    if round_index % 2:
+        ordered = [block[::-1] for block in ordered]
+    return [path for block in ordered for path in block]
 
 
 def _start_servers(lab: Lab, paths: list[NetPath]) -> dict[str, tuple[subprocess.Popen, int]]:
@@ -74,6 +98,8 @@ def _stop_servers(servers: dict[str, tuple[subprocess.Popen, int]]) -> None:
 def _client_argv(path: NetPath, port: int, mode: str, options: ThroughputOptions, udp_len: int) -> list[str]:
     argv = ["iperf3", "-c", str(path.server.address), "-B", str(path.client.address), "-p", str(port),
             "-t", str(options.seconds), "-J"]
+    if options.pin_cpus and (os.cpu_count() or 1) >= 2:
+        argv += ["-A", "0,1"]
     if options.omit and options.seconds > 2 * options.omit:
         argv += ["-O", str(options.omit)]
     if mode == "tcp4":
@@ -141,8 +167,7 @@ def run(results_dir, options: ThroughputOptions | None = None, progress: Progres
         try:
             for round_index in range(options.repeats):
                 for mode in MODES:
-                    shift = (round_index + MODES.index(mode)) % len(paths)
-                    for path in paths[shift:] + paths[:shift]:
+                    for path in round_order(paths, round_index + MODES.index(mode)):
                         sample = run_iperf(path, servers[path.name][1], mode, options, udp_len)
                         samples[mode][path.name].append(sample)
                         progress(f"round {round_index + 1}/{options.repeats} {mode:4} {path.name:9} "
