@@ -22,6 +22,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import time
@@ -29,6 +30,8 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
@@ -119,6 +122,25 @@ def real_peers(lab: Lab, exclude: str) -> dict[IPv4Network, tuple[str, str]]:
 
 def first_reply(lab: Lab, host: str, target, what: str) -> None:
     wait_for(lambda: lab.ping(host, target) is not None, what)
+
+
+@contextmanager
+def lab_logs_kept(lab: Lab, keep_in: Path, lines: int = 80):
+    """Copy the lab's logs (every daemon's and etcd member's) to keep_in/lab-logs when the block
+    ends, before the lab's teardown deletes its state dir; on a failure, also add each daemon
+    log's tail to the error, so a rare CI failure can be read from the test report alone."""
+    logs, kept = lab.state_dir / "logs", keep_in / "lab-logs"
+    try:
+        yield
+    except BaseException as exc:
+        exc.add_note(f"the lab's logs are kept in {kept}")
+        for path in sorted(logs.glob("*-overlayd.log")):
+            tail = "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+            exc.add_note(f"--- last {lines} lines of {path.name}:\n{tail}")
+        raise
+    finally:
+        if logs.is_dir():
+            shutil.copytree(logs, kept, dirs_exist_ok=True)
 
 
 # ------------------------------------------------------------------------------- etcd faults
@@ -219,98 +241,99 @@ def test_a_hung_etcd_member_loses_no_lease(lab, ttl):
 
 
 def test_whole_etcd_cluster_down_traffic_flows_daemons_not_ready_then_converge(lab, tmp_path):
-    lab.up(hosts=3, etcd_members=3)
-    lab.wait_converged(timeout=120)
-    h1_target, h2_target = lab.overlay_address("h2"), lab.overlay_address("h1")
-    gone = lab.subnet("h3")
-    routes_before = {host: lab.overlay_routes(host) for host in ("h1", "h2")}
-
-    # Two containers on different hosts, attached through the CNI plugin and the daemons' service.
-    container_ips, plugins, attached = {}, {}, []
-    for host in ("h1", "h2"):
-        plugin = plugins[host] = Plugin(tmp_path / host / "bin", tmp_path / host / "net.d", lab.host(host).run_dir)
-        netns = f"ovl-{lab.name}-{host}c1"
-        subprocess.run(["ip", "netns", "add", netns], check=True)
-        status, result = plugin.run("ADD", plugin.config(), f"fault-{host}", f"/run/netns/{netns}")
-        assert status == 0, result
-        attached.append((host, f"fault-{host}", netns))
-        container_ips[host] = IPv4Interface(result["ips"][0]["address"]).ip
-    container_ns = f"ovl-{lab.name}-h1c1"
-    wait_for(lambda: subprocess.run(["ip", "netns", "exec", container_ns, "ping", "-c", "1", "-W", "1",
-                                     str(container_ips["h2"])], capture_output=True).returncode == 0,
-             "container h1c1 reaches h2c1")
-    first_reply(lab, "h1", h1_target, "h1 reaches h2 over the overlay")
-    first_reply(lab, "h2", h2_target, "h2 reaches h1 over the overlay")
-    pingers = {"h1 -> h2": Pinger(lab.host("h1").netns, h1_target, tmp_path / "h1.ping"),
-               "h2 -> h1": Pinger(lab.host("h2").netns, h2_target, tmp_path / "h2.ping"),
-               "h1c1 -> h2c1": Pinger(container_ns, container_ips["h2"], tmp_path / "c.ping")}
-    try:
-        stopped = time.monotonic()
-        from overlay.etcd_server import stop_cluster
-        stop_cluster(lab.etcd_processes)
-        # Every daemon notices and says so on /readyz, but keeps its data plane.
-        wait_for(lambda: all(readyz(lab, host) == 503 for host in ("h1", "h2", "h3")),
-                 "/readyz 503 on every host while etcd is down", timeout=max(60.0, OUTAGE))
-        noticed = time.monotonic() - stopped
-        # Meanwhile h3 is lost for good, a new host h4 starts while there is no etcd at all, and
-        # h2's daemon crashes and starts again without etcd: it must leave its data plane alone.
-        lab.remove_host("h3")
-        h4 = lab.add_host()
-        lab.kill_daemon("h2")
-        lab.start_daemon("h2")
-        # A container started on h1 during the outage: the host's subnet is known, so it attaches.
-        late_ns = f"ovl-{lab.name}-h1c2"
-        subprocess.run(["ip", "netns", "add", late_ns], check=True)
-        status, late = plugins["h1"].run("ADD", plugins["h1"].config(), "fault-late", f"/run/netns/{late_ns}")
-        print(f"ADD on h1 during the etcd outage: {late if status else 'attached ' + late['ips'][0]['address']}")
-        attached.append(("h1", "fault-late", late_ns))
-        assert status == 0, late
-        wait_for(lambda: subprocess.run(["ip", "netns", "exec", late_ns, "ping", "-c", "1", "-W", "1",
-                                         str(container_ips["h2"])], capture_output=True).returncode == 0,
-                 "the container attached during the outage reaches h2c1")
-        # On h2, whose daemon restarted without etcd, an ADD may be refused, but only as "try again".
-        restarted_ns = f"ovl-{lab.name}-h2c2"
-        subprocess.run(["ip", "netns", "add", restarted_ns], check=True)
-        attached.append(("h2", "fault-restarted", restarted_ns))
-        status, answer = plugins["h2"].run("ADD", plugins["h2"].config(), "fault-restarted", f"/run/netns/{restarted_ns}")
-        print(f"ADD on h2 (daemon restarted during the outage): "
-              f"{'attached ' + answer['ips'][0]['address'] if status == 0 else answer}")
-        assert status == 0 or answer["code"] == 11, answer
-        time.sleep(max(0.0, OUTAGE - (time.monotonic() - stopped)))  # the outage itself, on purpose
-        for host in ("h1", "h2", h4.name):
-            assert readyz(lab, host) == 503
-        for host in ("h1", "h2"):
-            assert lab.overlay_routes(host) == routes_before[host], f"{host} changed its data plane without etcd"
-        assert lab.daemon_pid("h1") and lab.daemon_pid("h2") and lab.daemon_pid(h4)
-        members = [member.member() for member in lab.etcd_members]
-        for process in lab.etcd_processes:
-            process.start(members)
-        deadline = time.monotonic() + 60
-        for process in lab.etcd_processes:
-            process.wait_healthy(deadline)
-        back = time.monotonic()
-        # Right after etcd is back the operator deletes the lost host's lease.
-        lab.etcdctl("del", subnet_key(PREFIX, gone))
+    with lab_logs_kept(lab, tmp_path):
+        lab.up(hosts=3, etcd_members=3)
         lab.wait_converged(timeout=120)
-        wait_for(lambda: all(gone not in lab.overlay_routes(host) for host in ("h1", "h2")),
-                 f"the lost host's {gone} removed from h1 and h2")
-        converged = time.monotonic() - back
-        for host in lab.hosts:
-            assert lab.overlay_routes(host) == {lab.subnet(other) for other in lab.hosts if other != host}
-        first_reply(lab, "h1", lab.overlay_address(h4), "h1 reaches the new host h4")
-        results = {name: pinger.stop() for name, pinger in pingers.items()}
-    finally:
-        for pinger in pingers.values():
-            pinger.stop()
-        for host, container_id, netns in attached:
-            plugins[host].run("DEL", plugins[host].config(), container_id, f"/run/netns/{netns}")
-    print(f"etcd cluster (3 members) down {back - stopped:.1f} s: every daemon reported not ready "
-          f"{noticed:.1f} s after the stop; h2's daemon SIGKILLed and restarted meanwhile; after etcd "
-          f"returned, converged (h3 gone, h4 joined) in {converged:.2f} s")
-    for name, result in results.items():
-        print(f"  continuous ping {name}: {result.describe()}")
-    for name, result in results.items():
-        assert result.sent > 0 and not result.lost, f"{name}: {result.describe()}"
+        h1_target, h2_target = lab.overlay_address("h2"), lab.overlay_address("h1")
+        gone = lab.subnet("h3")
+        routes_before = {host: lab.overlay_routes(host) for host in ("h1", "h2")}
+
+        # Two containers on different hosts, attached through the CNI plugin and the daemons' service.
+        container_ips, plugins, attached = {}, {}, []
+        for host in ("h1", "h2"):
+            plugin = plugins[host] = Plugin(tmp_path / host / "bin", tmp_path / host / "net.d", lab.host(host).run_dir)
+            netns = f"ovl-{lab.name}-{host}c1"
+            subprocess.run(["ip", "netns", "add", netns], check=True)
+            status, result = plugin.run("ADD", plugin.config(), f"fault-{host}", f"/run/netns/{netns}")
+            assert status == 0, result
+            attached.append((host, f"fault-{host}", netns))
+            container_ips[host] = IPv4Interface(result["ips"][0]["address"]).ip
+        container_ns = f"ovl-{lab.name}-h1c1"
+        wait_for(lambda: subprocess.run(["ip", "netns", "exec", container_ns, "ping", "-c", "1", "-W", "1",
+                                         str(container_ips["h2"])], capture_output=True).returncode == 0,
+                 "container h1c1 reaches h2c1")
+        first_reply(lab, "h1", h1_target, "h1 reaches h2 over the overlay")
+        first_reply(lab, "h2", h2_target, "h2 reaches h1 over the overlay")
+        pingers = {"h1 -> h2": Pinger(lab.host("h1").netns, h1_target, tmp_path / "h1.ping"),
+                   "h2 -> h1": Pinger(lab.host("h2").netns, h2_target, tmp_path / "h2.ping"),
+                   "h1c1 -> h2c1": Pinger(container_ns, container_ips["h2"], tmp_path / "c.ping")}
+        try:
+            stopped = time.monotonic()
+            from overlay.etcd_server import stop_cluster
+            stop_cluster(lab.etcd_processes)
+            # Every daemon notices and says so on /readyz, but keeps its data plane.
+            wait_for(lambda: all(readyz(lab, host) == 503 for host in ("h1", "h2", "h3")),
+                     "/readyz 503 on every host while etcd is down", timeout=max(60.0, OUTAGE))
+            noticed = time.monotonic() - stopped
+            # Meanwhile h3 is lost for good, a new host h4 starts while there is no etcd at all, and
+            # h2's daemon crashes and starts again without etcd: it must leave its data plane alone.
+            lab.remove_host("h3")
+            h4 = lab.add_host()
+            lab.kill_daemon("h2")
+            lab.start_daemon("h2")
+            # A container started on h1 during the outage: the host's subnet is known, so it attaches.
+            late_ns = f"ovl-{lab.name}-h1c2"
+            subprocess.run(["ip", "netns", "add", late_ns], check=True)
+            status, late = plugins["h1"].run("ADD", plugins["h1"].config(), "fault-late", f"/run/netns/{late_ns}")
+            print(f"ADD on h1 during the etcd outage: {late if status else 'attached ' + late['ips'][0]['address']}")
+            attached.append(("h1", "fault-late", late_ns))
+            assert status == 0, late
+            wait_for(lambda: subprocess.run(["ip", "netns", "exec", late_ns, "ping", "-c", "1", "-W", "1",
+                                             str(container_ips["h2"])], capture_output=True).returncode == 0,
+                     "the container attached during the outage reaches h2c1")
+            # On h2, whose daemon restarted without etcd, an ADD may be refused, but only as "try again".
+            restarted_ns = f"ovl-{lab.name}-h2c2"
+            subprocess.run(["ip", "netns", "add", restarted_ns], check=True)
+            attached.append(("h2", "fault-restarted", restarted_ns))
+            status, answer = plugins["h2"].run("ADD", plugins["h2"].config(), "fault-restarted", f"/run/netns/{restarted_ns}")
+            print(f"ADD on h2 (daemon restarted during the outage): "
+                  f"{'attached ' + answer['ips'][0]['address'] if status == 0 else answer}")
+            assert status == 0 or answer["code"] == 11, answer
+            time.sleep(max(0.0, OUTAGE - (time.monotonic() - stopped)))  # the outage itself, on purpose
+            for host in ("h1", "h2", h4.name):
+                assert readyz(lab, host) == 503
+            for host in ("h1", "h2"):
+                assert lab.overlay_routes(host) == routes_before[host], f"{host} changed its data plane without etcd"
+            assert lab.daemon_pid("h1") and lab.daemon_pid("h2") and lab.daemon_pid(h4)
+            members = [member.member() for member in lab.etcd_members]
+            for process in lab.etcd_processes:
+                process.start(members)
+            deadline = time.monotonic() + 60
+            for process in lab.etcd_processes:
+                process.wait_healthy(deadline)
+            back = time.monotonic()
+            # Right after etcd is back the operator deletes the lost host's lease.
+            lab.etcdctl("del", subnet_key(PREFIX, gone))
+            lab.wait_converged(timeout=120)
+            wait_for(lambda: all(gone not in lab.overlay_routes(host) for host in ("h1", "h2")),
+                     f"the lost host's {gone} removed from h1 and h2")
+            converged = time.monotonic() - back
+            for host in lab.hosts:
+                assert lab.overlay_routes(host) == {lab.subnet(other) for other in lab.hosts if other != host}
+            first_reply(lab, "h1", lab.overlay_address(h4), "h1 reaches the new host h4")
+            results = {name: pinger.stop() for name, pinger in pingers.items()}
+        finally:
+            for pinger in pingers.values():
+                pinger.stop()
+            for host, container_id, netns in attached:
+                plugins[host].run("DEL", plugins[host].config(), container_id, f"/run/netns/{netns}")
+        print(f"etcd cluster (3 members) down {back - stopped:.1f} s: every daemon reported not ready "
+              f"{noticed:.1f} s after the stop; h2's daemon SIGKILLed and restarted meanwhile; after etcd "
+              f"returned, converged (h3 gone, h4 joined) in {converged:.2f} s")
+        for name, result in results.items():
+            print(f"  continuous ping {name}: {result.describe()}")
+        for name, result in results.items():
+            assert result.sent > 0 and not result.lost, f"{name}: {result.describe()}"
 
 
 # ------------------------------------------------------------------------------- daemon faults
