@@ -33,8 +33,12 @@ Without a boot ID to read, the store falls back to fsync.
 A requested address (CNI_ARGS IP=, runtimeConfig.ips) is allocated exactly or not at all. One
 from another host's subnet (a moved workload, see overlay.moves) is recorded with `claimed`
 set: it is not from our pool, the host holds it through an etcd claim, and DEL must withdraw
-that claim. Addresses of our pool that other hosts claim are passed in as `reserved` and never
-handed out.
+that claim. Addresses of our pool that other hosts claim are never handed out, from two sources:
+`reserved` passed in (the daemon's view of the claims) and the store's own `reserved` set. The
+latter is written by the origin host's daemon under the store's lock when it grants a claim
+(overlay.claimhook.ClaimGranter, `reserve`): the grant and every ADD are then ordered by the lock, so an
+address is either allocated here (and the claim refused) or reserved (and never allocated)
+while the claim exists; the daemon drops the reservation (`unreserve`) when the claim is gone.
 
 Standard library only: the plugin reads the store (DEL while the daemon is down).
 """
@@ -96,6 +100,7 @@ class Allocation:
 class PoolState:
     allocations: tuple[Allocation, ...] = ()
     last: IPv4Address | None = None
+    reserved: frozenset[IPv4Address] = frozenset()   # granted to other hosts' claims: never allocated
 
     def find(self, key: AttachmentKey) -> Allocation | None:
         # The container ID first: a string comparison, where comparing whole keys would call
@@ -108,6 +113,13 @@ class PoolState:
 
     def taken(self) -> frozenset[IPv4Address]:
         return frozenset(a.address for a in self.allocations)
+
+    def holder(self, address: IPv4Address) -> Allocation | None:
+        return next((a for a in self.allocations if a.address == address), None)
+
+
+class ReservedForClaim(AddressUnavailable):
+    """A requested address the store holds reserved for another host's claim."""
 
 
 def usable_addresses(subnet: IPv4Network, gateway: IPv4Address) -> list[IPv4Address]:
@@ -122,7 +134,8 @@ def allocate(state: PoolState, key: AttachmentKey, subnet: IPv4Network, gateway:
     as it is, with its recorded netns updated, so a repeated ADD yields the same address.
 
     `requested`: exactly this address of the pool (AddressUnavailable when it is taken, reserved
-    or not a container's address). `reserved`: addresses other hosts claim, never handed out."""
+    or not a container's address; ReservedForClaim when the state holds it reserved). `reserved`:
+    addresses other hosts claim, never handed out, like those of `state.reserved`."""
     existing = state.find(key)
     if existing is not None and requested is not None and existing.address != requested:
         raise AddressUnavailable(f"container {key.container_id} {key.ifname} already has {existing.address}, "
@@ -139,6 +152,7 @@ def allocate(state: PoolState, key: AttachmentKey, subnet: IPv4Network, gateway:
     candidates = _usable_integers(subnet, gateway)
     taken = {int(a.address) for a in state.allocations}
     taken.update(int(a) for a in reserved)
+    taken.update(int(a) for a in state.reserved)
     start = 0
     if state.last is not None and state.last in subnet:
         # Continue after the last address handed out (round robin, as host-local does).
@@ -150,7 +164,7 @@ def allocate(state: PoolState, key: AttachmentKey, subnet: IPv4Network, gateway:
         if number not in taken:
             address = IPv4Address(number)
             allocation = Allocation(key, address, host_ifname, netns)
-            return PoolState(state.allocations + (allocation,), address), allocation, True
+            return PoolState(state.allocations + (allocation,), address, state.reserved), allocation, True
     raise PoolExhausted(f"no free address left in {subnet}: all {len(candidates)} are allocated")
 
 
@@ -168,13 +182,15 @@ def _allocate_exactly(state, key, subnet, gateway, host_ifname, netns, requested
         raise AddressUnavailable(f"{requested} is not a container address of {subnet}")
     if requested in reserved:
         raise AddressUnavailable(f"{requested} is claimed by another host (a workload moved there with it)")
-    holder = next((a for a in state.allocations if a.address == requested), None)
+    if requested in state.reserved:
+        raise ReservedForClaim(f"{requested} is reserved for another host's claim (a workload moved there with it)")
+    holder = state.holder(requested)
     if holder is not None:
         raise AddressUnavailable(f"{requested} is already allocated to container {holder.key.container_id} "
                                  f"{holder.key.ifname} on this host")
     allocation = Allocation(key, requested, host_ifname, netns)
     # `last` is left alone: a requested address does not move the round robin.
-    return PoolState(state.allocations + (allocation,), state.last), allocation, True
+    return replace(state, allocations=state.allocations + (allocation,)), allocation, True
 
 
 def record_claimed(state: PoolState, key: AttachmentKey, address: IPv4Address, host_ifname: str,
@@ -190,12 +206,29 @@ def record_claimed(state: PoolState, key: AttachmentKey, address: IPv4Address, h
         updated = replace(existing, netns=netns, host_ifname=host_ifname, claimed=True)
         allocations = tuple(updated if a.key == key else a for a in state.allocations)
         return replace(state, allocations=allocations), updated, False
-    holder = next((a for a in state.allocations if a.address == address), None)
+    holder = state.holder(address)
     if holder is not None:
         raise AddressUnavailable(f"{address} is already attached to container {holder.key.container_id} "
                                  f"{holder.key.ifname} on this host")
     allocation = Allocation(key, address, host_ifname, netns, claimed=True)
-    return PoolState(state.allocations + (allocation,), state.last), allocation, True
+    return replace(state, allocations=state.allocations + (allocation,)), allocation, True
+
+
+def reserve(state: PoolState, address: IPv4Address) -> tuple[PoolState, Allocation | None]:
+    """Reserve an address of the pool for another host's claim: (new state, None); or, when a
+    container here has it, (state unchanged, its allocation) and the claim is to be refused."""
+    holder = state.holder(address)
+    if holder is not None:
+        return state, holder
+    if address in state.reserved:
+        return state, None
+    return replace(state, reserved=state.reserved | {address}), None
+
+
+def unreserve(state: PoolState, addresses) -> PoolState:
+    """Drop reservations (claims that are gone); addresses not reserved are ignored."""
+    remaining = state.reserved.difference(addresses)
+    return state if len(remaining) == len(state.reserved) else replace(state, reserved=remaining)
 
 
 def release(state: PoolState, key: AttachmentKey) -> tuple[PoolState, Allocation | None]:
@@ -245,7 +278,10 @@ def encode_state(state: PoolState) -> str:
     ordered = sorted((number, line) for _, number, line in current.values())
     last = json.dumps(str(state.last) if state.last is not None else None)
     body = ",\n ".join(line for _, line in ordered)
-    return f'{{"format": {_FORMAT}, "last": {last}, "allocations": [\n {body}\n]}}\n'
+    # `reserved` is new in this version; an older reader ignores it (it reads only "format",
+    # "last" and "allocations"), so the format stays 1.
+    reserved = json.dumps([str(a) for a in sorted(state.reserved)])
+    return f'{{"format": {_FORMAT}, "last": {last}, "reserved": {reserved}, "allocations": [\n {body}\n]}}\n'
 
 
 def decode_state(text: str) -> PoolState:
@@ -259,11 +295,12 @@ def decode_state(text: str) -> PoolState:
                        item.get("claimed", False) is True)
             for item in raw["allocations"])
         last = IPv4Address(raw["last"]) if raw.get("last") else None
+        reserved = frozenset(IPv4Address(text) for text in raw.get("reserved", ()))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise StateFailure(f"allocation records are corrupt: {exc}") from None
     if len({a.address for a in allocations}) != len(allocations):
         raise StateFailure("allocation records are corrupt: one address is allocated twice")
-    return PoolState(allocations, last)
+    return PoolState(allocations, last, reserved)
 
 
 # --------------------------------------------------------------------------- the store

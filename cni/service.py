@@ -36,16 +36,24 @@ container's own veth and allocation, never a newer attachment.
 A requested address (CNI_ARGS IP=, runtimeConfig.ips) decides the path (overlay.moves.placement):
 - in this host's subnet: allocated exactly, unless another container has it or another host
   claims it (the claim is read fresh from etcd first, so a workload moving home is not refused
-  by a claim its last host has just withdrawn);
+  by a claim its last host has just withdrawn). The records may still hold it reserved for that
+  withdrawn claim (the daemon drops the reservation once its watch shows the withdrawal): then
+  the claim is read again *under the records' lock* and, if it is gone, the reservation is
+  dropped and the address allocated in one update. The lock orders this with the daemon's
+  grants: a claim made after that read is decided after the update, and refused;
 - elsewhere in the overlay network (a workload moving in, keeping its address): (1) record it
   (claimed) in the allocation store, (2) plug it Calico style (cni.links: host end off the
   bridge, /32 in the container, gateway 169.254.1.1 on-link, host route <ip>/32 to the host
-  end), (3) claim it in etcd. Plugging before claiming means that when the other hosts start
-  routing the address here (on the claim), the route to the container is already in place; a
-  lost claim undoes (2) and (1), leaving nothing behind, and fails with code 103 naming the
-  holder. DEL withdraws the claim after deleting the veth and the record; a withdrawal etcd
-  cannot take now is done later by the daemon's ClaimKeeper, which keeps this host's claims equal
-  to the claimed records (and claims again what a lost lease took along).
+  end), (3) claim it in etcd, (4) wait for its origin host to grant the claim (overlay.claims:
+  the origin refuses an address one of its containers has, and reserves any other). Plugging
+  before claiming means that when the other hosts start routing the address here (on the
+  grant), the route to the container is already in place. A lost claim, a refusal or an origin
+  that does not answer undoes (2) and (1) and then withdraws the claim, leaving nothing behind,
+  and fails: code 103 naming the holder or the origin, or 11 when the origin did not answer.
+  DEL withdraws the claim after deleting the veth and the record; a withdrawal etcd cannot take
+  now is done later by the daemon's ClaimKeeper, which keeps this host's claims equal to the
+  claimed records (and claims again what a lost lease took along). The records go before the
+  claim, in ADD's undoing as in DEL, or the keeper would claim again what a record still wants.
 The service reaches etcd through `claims`, a hook the daemon passes in (overlay.claimhook): it
 runs in the daemon's process, which holds the etcd lease that claims are bound to. Without it
 (the standalone service of tests and benchmarks) a moved-in address fails with code 103.
@@ -72,8 +80,8 @@ from overlay.moves import Placement, UnusableAddress, placement
 from overlay.subnetfile import SubnetFile, SubnetFileError, read_subnet_file
 
 from cni import spec
-from cni.allocator import (AllocationStore, AttachmentKey, allocate, record_claimed, release, release_unlisted,
-                           store_dir)
+from cni.allocator import (AllocationStore, AttachmentKey, ReservedForClaim, allocate, record_claimed, release,
+                           release_unlisted, store_dir, unreserve)
 from cni.errors import (AddressUnavailable, AttachmentDrift, CniFailure, DecodingFailure, InterfaceConflict,
                         KernelFailure, NotReady, PermissionDenied, ServiceUnavailable, StateFailure, cni_code)
 from cni.links import (CNI_ROUTE_PROTOCOL, MOVED_GATEWAY, LinkExists, Links, bridge_lock, container_links,
@@ -114,7 +122,9 @@ class Attacher:
     being re-acquired):
       reserved(pool) -> frozenset[IPv4Address]   addresses of pool other hosts claim (in memory)
       check_free(address)                         AddressUnavailable if another host claims it (fresh read)
-      claim(address, container_id)                AddressUnavailable naming the holder if taken
+      claim(address, container_id) -> claim       AddressUnavailable naming the holder if taken
+      await_grant(claim)                          until the origin grants it: AddressUnavailable when
+                                                  it refused, ServiceUnavailable when it did not answer
       release(address, container_id)              withdraw our claim; no error if already gone
     """
 
@@ -173,7 +183,12 @@ class Attacher:
                 state, allocation, new = allocate(state, key, pool, gateway, host_name, inv.netns,
                                                   requested=requested, reserved=reserved)
                 return state, (allocation, new)
-            allocation, new = self.store.update(take)
+            try:
+                allocation, new = self.store.update(take)
+            except ReservedForClaim:
+                if self.claims is None:
+                    raise
+                allocation, new = self._take_back(requested, take)
             try:
                 attachment = self._plug(inv, host_name, netns_fd, IPv4Interface((allocation.address, pool.prefixlen)),
                                         subnet)
@@ -184,6 +199,18 @@ class Attacher:
         finally:
             os.close(netns_fd)
         return spec.dumps(add_result(inv.version, attachment, inv.dns))
+
+    def _take_back(self, address: IPv4Address, take):
+        """Allocate a requested address of our pool that the records hold reserved for a claim
+        (see the design note): the claim is read again with the records locked, so no grant
+        can come between the read and the allocation."""
+        with self.store.transaction() as txn:
+            if address in txn.state.reserved:
+                self.claims.check_free(address)
+                log.info("%s: its claim is gone; dropping the reservation the daemon has not dropped yet", address)
+            state, result = take(unreserve(txn.state, {address}))
+            txn.commit(state)
+        return result
 
     def _plug(self, inv, host_name: str, netns_fd: int, address: IPv4Interface, subnet: SubnetFile) -> Attachment:
         gateway = subnet.subnet.ip
@@ -242,22 +269,33 @@ class Attacher:
                 state, _, new = record_claimed(state, key, address, host_name, inv.netns)
                 return state, new
             new = self.store.update(record)
-            created = False
+            created = claimed = False
             try:
                 attachment, created = self._plug_moved_in(inv, host_name, netns_fd, address, subnet)
-                self.claims.claim(address, inv.container_id)
+                claim = self.claims.claim(address, inv.container_id)
+                claimed = True
+                self.claims.await_grant(claim)
             except BaseException:
                 if created:
                     with host_links() as host:
                         host.delete(host_name)
                 if new:
                     self._release(key)
+                    if claimed:
+                        self._withdraw_quietly(address, inv.container_id)
                 raise
         finally:
             os.close(netns_fd)
         log.info("attached %s to container %s with the address it keeps from another host's subnet",
                  address, inv.container_id[:12])
         return spec.dumps(add_result(inv.version, attachment, inv.dns))
+
+    def _withdraw_quietly(self, address: IPv4Address, container_id: str) -> None:
+        try:
+            self.claims.release(address, container_id)
+        except CniFailure as exc:
+            log.warning("ADD of %s failed, and its claim on %s stays until the daemon withdraws it: %s",
+                        container_id[:12], address, exc.msg)
 
     def _plug_moved_in(self, inv, host_name: str, netns_fd: int, address: IPv4Address,
                        subnet: SubnetFile) -> tuple[Attachment, bool]:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from . import firewall, sdnotify
 from .config import NetworkConfig, parse_config
-from .claimhook import ClaimFollower, ClaimHook, ClaimKeeper
+from .claimhook import ClaimFollower, ClaimGranter, ClaimHook, ClaimKeeper
 from .dataplane import (DataplaneState, Neighbour, Route, Underlay, desired_state, plan, vtep_mac,
                         vxlan_sources)
 from .errors import (ConfigError, LeaseLost, OverlayError, StoreError, StoreUnavailable,
@@ -92,7 +92,9 @@ class Daemon:
         self.dirty = asyncio.Event()
         self.moves = ClaimFollower(self.store, self._claims_changed)
         self.keeper = ClaimKeeper(self.store, self.moves, settings.run_dir,
-                                  lambda: None if self.lease_lost.is_set() else self.own)
+                                  lambda: None if self.lease_lost.is_set() else self.own, lambda: self.peers)
+        self.granter = ClaimGranter(self.store, self.moves, settings.run_dir,
+                                    lambda: None if self.lease_lost.is_set() else self.own)
         self._announced: frozenset[IPv4Address] = frozenset()   # moved-away addresses told to the bridge
         self.lease_lost = asyncio.Event()
         self.stopping = asyncio.Event()
@@ -304,6 +306,7 @@ class Daemon:
             ("claims", self.moves.run()),
             ("relist-claims", self.moves.relist_now_and_then()),
             ("keep-claims", self.keeper.run()),
+            ("grant-claims", self.granter.run()),
         )]
         stop = asyncio.create_task(self.stopping.wait())
         try:
@@ -420,6 +423,7 @@ class Daemon:
     def _claims_changed(self) -> None:
         self.dirty.set()
         self.keeper.wake.set()
+        self.granter.wake.set()
 
     async def _announce_moved_away(self, desired: DataplaneState) -> None:
         """Once the /32 of an address moved away from our subnet is in place, tell the bridge's
@@ -476,7 +480,7 @@ class Daemon:
             return None
         hook = ClaimHook(asyncio.get_running_loop(), self.store,
                          lambda: None if self.lease_lost.is_set() else self.own,
-                         lambda: self.moves.claims, self._claims_changed)
+                         self.moves, self._claims_changed, lambda: self.peers)
         service = CniService(self.settings.run_dir, claims=hook)
         service.start()
         service.set_ready(True)

@@ -635,6 +635,25 @@ class EtcdStore:
             return response.succeeded or response.responses[0].response_range.count == 0
         return await self._request(f"withdraw the claim on {address}", attempt)
 
+    async def settle_claim(self, claim: Claim, attrs: ClaimAttrs | None) -> bool:
+        """Rewrite a claim exactly as it was seen: Txn If(mod_revision == claim's) Then(put attrs
+        bound to the claim's own lease; or delete when attrs is None). True when done; False
+        when the claim changed or is gone meanwhile. The origin writes its grant this way (the
+        key still dies with the claimant's lease); withdrawals of a decided claim too."""
+        key = claim_key(self._prefix, claim.address).encode()
+        change = (rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=key)) if attrs is None else
+                  rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, value=attrs.to_json().encode(),
+                                                                   lease=claim.lease_id)))
+        txn = rpc_pb2.TxnRequest(
+            compare=[rpc_pb2.Compare(key=key, target=rpc_pb2.Compare.MOD, result=rpc_pb2.Compare.EQUAL,
+                                     mod_revision=claim.mod_revision)],
+            success=[change])
+
+        async def attempt(conn: _Connection, timeout: float) -> bool:
+            response = await conn.kv.Txn(txn, timeout=timeout, metadata=REQUIRE_LEADER)
+            return response.succeeded
+        return await self._request(f"settle the claim on {claim.address}", attempt)
+
     # ---------------------------------------------------------------- generic keys
 
     async def create_if_absent(self, key: str, value: bytes | str, lease_id: int) -> bool:

@@ -18,6 +18,13 @@ to C. Containers that held an ARP entry for A (its old MAC) are told by a gratui
 the bridge, sent when A first appears in `moved_away`. The origin's allocator keeps A out of its
 pool while the claim exists (`reserved_in`).
 
+Only **granted** claims are followed (overlay.claims: the origin decides). A pending claim
+changes no route anywhere: the origin keeps A on its bridge and every peer keeps sending A to the
+origin's subnet, until the origin has made sure no container of its own has A and reserved it.
+`decide_claims` is that decision, as pure data over the origin's allocation records; the daemon
+(overlay.claimhook.ClaimGranter) runs it under the allocator's lock and writes the outcome to
+etcd. `initial_grant` is the claimant's side: whether there is an origin to ask at all.
+
 On C itself nothing comes from here: the CNI service routes A/32 to the container's veth when it
 attaches it. That route lives and dies with the veth (the kernel removes a device's routes with
 it), so a DEL, a crashed ADD or a GC can never leave it pointing at nothing, and the container is
@@ -30,12 +37,14 @@ to be claimed from elsewhere in the overlay network.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from enum import Enum
 from ipaddress import IPv4Address, IPv4Network
-from typing import Iterable
+from typing import Iterable, Mapping
 
-from .claims import Claim
+from cni.allocator import PoolState, reserve, unreserve
+
+from .claims import Claim, Grant
 from .dataplane import DataplaneState, Route, _network_key, _per_lease
 from .lease import Lease
 
@@ -47,7 +56,7 @@ def is_own_claim(claim: Claim, own: Lease) -> bool:
 def moved_routes(routes: Iterable[Route], own: Lease, peers: Iterable[Lease],
                  claims: Iterable[Claim]) -> frozenset[Route]:
     """The /32 routes for addresses claimed by other hosts, derived from the subnet routes."""
-    followed = [claim for claim in claims if not is_own_claim(claim, own)]
+    followed = [claim for claim in claims if claim.granted and not is_own_claim(claim, own)]
     if not followed:
         return frozenset()  # the usual case: no need to index thousands of routes and peers
     # Index only the subnets claimants hold, by a key equal for equal networks that hashes in C
@@ -89,8 +98,71 @@ def moved_away(routes: Iterable[Route], own_subnet: IPv4Network) -> frozenset[IP
 
 
 def reserved_in(pool: IPv4Network, claims: Iterable[Claim]) -> frozenset[IPv4Address]:
-    """Addresses of `pool` that are claimed (by any host): never to be allocated from it."""
-    return frozenset(claim.address for claim in claims if claim.address in pool)
+    """Addresses of `pool` that are claimed (by any host, pending or granted): never to be
+    allocated from it. A refused claim reserves nothing: it never takes effect."""
+    return frozenset(claim.address for claim in claims
+                     if claim.address in pool and claim.attrs.grant is not Grant.REFUSED)
+
+
+# --------------------------------------------------------------------------- the origin decides
+
+def origin_of(address: IPv4Address, own: Lease, leases: Mapping[IPv4Network, Lease]) -> Lease | None:
+    """The live lease whose subnet holds `address` (ours included), None when no host holds it.
+    Every subnet of the network has the config's SubnetLen, which is our own subnet's length."""
+    if address in own.subnet:
+        return own
+    return leases.get(IPv4Network((address, own.subnet.prefixlen), strict=False))
+
+
+def initial_grant(address: IPv4Address, own: Lease, leases: Mapping[IPv4Network, Lease]) -> Grant:
+    """How a claimant writes its claim: Pending when a live origin must decide; Granted when
+    the address is of our own subnet or no live host holds its subnet (nobody can be using it,
+    and nobody could answer)."""
+    origin = origin_of(address, own, leases)
+    return Grant.PENDING if origin is not None and origin is not own else Grant.GRANTED
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The origin's answer to one pending claim, to be written on the claim's key."""
+    claim: Claim
+    grant: Grant
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class GrantRound:
+    state: PoolState                  # the allocation records with reservations brought in line
+    decisions: tuple[Decision, ...]   # for the pending claims of our subnet
+    conflicts: tuple[Claim, ...]      # granted claims of addresses a container here has
+
+
+def decide_claims(state: PoolState, own: Lease, claims: Iterable[Claim]) -> GrantRound:
+    """The origin's round, under its allocator's lock: every pending claim of another host on an
+    address of our subnet is refused when a container here has the address, else the address
+    is reserved and the claim granted. Granted claims keep (or, after a restart or a claim made
+    while we were gone, get) their reservation; a reservation no claim needs any more is dropped.
+
+    A claim we granted before is pending no longer, and the decision is idempotent: a claim
+    seen pending again (our write was lost, or we restarted before the watch showed it) finds
+    its address reserved already and is granted again."""
+    decisions, conflicts, wanted = [], [], set()
+    for claim in sorted(claims, key=lambda c: c.address):
+        if claim.address not in own.subnet or is_own_claim(claim, own) or claim.attrs.grant is Grant.REFUSED:
+            continue
+        state, holder = reserve(state, claim.address)
+        if holder is None:
+            wanted.add(claim.address)
+            if claim.attrs.grant is Grant.PENDING:
+                decisions.append(Decision(claim, Grant.GRANTED))
+        elif claim.attrs.grant is Grant.PENDING:
+            decisions.append(Decision(claim, Grant.REFUSED,
+                                      f"allocated to container {holder.key.container_id[:12]} {holder.key.ifname} "
+                                      f"on network {holder.key.network}"))
+        else:
+            conflicts.append(claim)
+    state = unreserve(state, state.reserved - wanted)
+    return GrantRound(state, tuple(decisions), tuple(conflicts))
 
 
 class Placement(Enum):

@@ -1,6 +1,8 @@
 """Address claims in a real etcd: create-if-absent bound to the claimant's lease (exactly one of
-two racing hosts wins), withdrawal that only ever deletes our own value, listing and a watch
-that sees claims come, go and expire with their lease. etcd's own client checks what it holds."""
+two racing hosts wins), withdrawal that only ever deletes our own value, the origin's decision
+written on the claim only if it is still the claim decided on (and still bound to the claimant's
+lease), a claim of the previous version (no Grant) read as granted, listing and a watch that
+sees claims come, go and expire with their lease. etcd's own client checks what it holds."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import json
 import time
 from ipaddress import IPv4Address, IPv4Network
 
-from overlay.claims import ClaimAttrs, claim_key
+from overlay.claims import ClaimAttrs, Grant, claim_key
 from overlay.etcd import EtcdSettings, EtcdStore
 from overlay.lease import DEFAULT_PREFIX, LeaseAttrs
 from tests.support.etcd import etcdctl, raw_get
@@ -60,7 +62,7 @@ def test_claim_is_created_once_bound_to_the_lease_and_read_back(etcd):
     run(body())
     kv = raw_get(etcd, claim_key(PREFIX, ADDRESS))
     assert json.loads(kv["value"]) == {"PublicIP": "198.18.0.12", "VtepMAC": "c6:d2:00:00:00:0c",
-                                       "Subnet": "10.244.12.0/24", "ContainerID": "c1"}
+                                       "Subnet": "10.244.12.0/24", "ContainerID": "c1", "Grant": "Granted"}
     assert int(kv["lease"]) != 0
 
 
@@ -134,4 +136,55 @@ def test_watch_sees_claims_made_withdrawn_and_expired_with_the_lease(etcd):
         finally:
             await db.close()
             await watcher.close()
+    run(body())
+
+
+def test_decision_lands_only_on_the_claim_it_was_made_for_and_keeps_the_claimants_lease(etcd):
+    async def body():
+        db = store(etcd)
+        try:
+            claimant, origin = await host_lease(db, 51, ttl=3), await host_lease(db, 52)
+            pending = dataclasses.replace(host_attrs(51), grant=Grant.PENDING)
+            won, claim = await db.claim_address(ADDRESS, pending, claimant.lease_id)
+            assert won and claim.attrs.grant is Grant.PENDING
+            # The origin grants what it saw; a second decision on the same (now stale) revision fails.
+            assert await db.settle_claim(claim, claim.attrs.decided(Grant.GRANTED))
+            assert not await db.settle_claim(claim, claim.attrs.decided(Grant.REFUSED, "in use"))
+            granted = await db.get_claim(ADDRESS)
+            assert granted.attrs.grant is Grant.GRANTED and granted.lease_id == claimant.lease_id
+            assert granted.attrs.same_attachment(pending)
+            # Our own withdrawal of a granted claim works on its value as before (one round trip).
+            assert await db.release_claim(ADDRESS, pending.decided(Grant.GRANTED))
+            # A refused one is withdrawn by revision.
+            won, claim = await db.claim_address(ADDRESS, pending, claimant.lease_id)
+            assert await db.settle_claim(claim, claim.attrs.decided(Grant.REFUSED, "allocated to container c9 eth0"))
+            refused = await db.get_claim(ADDRESS)
+            assert refused.attrs.grant is Grant.REFUSED and refused.attrs.reason == "allocated to container c9 eth0"
+            assert await db.settle_claim(refused, None)
+            assert await db.get_claim(ADDRESS) is None
+            # The granted claim still dies with the claimant's lease (not renewed: expires in ~3 s).
+            won, claim = await db.claim_address(ADDRESS, pending, claimant.lease_id)
+            assert await db.settle_claim(claim, claim.attrs.decided(Grant.GRANTED))
+            deadline = time.monotonic() + 15
+            while await db.get_claim(ADDRESS) is not None:
+                assert time.monotonic() < deadline, "the granted claim outlived the claimant's lease"
+                await asyncio.sleep(0.1)   # poll interval
+            assert origin.lease_id != claimant.lease_id
+        finally:
+            await db.close()
+    run(body())
+
+
+def test_claim_written_by_the_previous_version_reads_as_granted(etcd):
+    old = {"PublicIP": "198.18.0.61", "VtepMAC": "c6:d2:00:00:00:3d", "Subnet": "10.244.61.0/24",
+           "ContainerID": "c1"}
+    etcdctl(etcd, "put", claim_key(PREFIX, ADDRESS), json.dumps(old))
+
+    async def body():
+        db = store(etcd)
+        try:
+            claim = await db.get_claim(ADDRESS)
+            assert claim.granted and claim.attrs.public_ip == IPv4Address("198.18.0.61")
+        finally:
+            await db.close()
     run(body())

@@ -64,7 +64,7 @@ def test_claim_value_round_trips():
     attrs = ClaimAttrs(IPv4Address("198.18.0.12"), "1a:c7:2f:de:68:06", IPv4Network("10.244.2.0/24"), "abc123")
     assert parse_claim_value(attrs.to_json()) == attrs
     assert json.loads(attrs.to_json()) == {"PublicIP": "198.18.0.12", "VtepMAC": "1a:c7:2f:de:68:06",
-                                           "Subnet": "10.244.2.0/24", "ContainerID": "abc123"}
+                                           "Subnet": "10.244.2.0/24", "ContainerID": "abc123", "Grant": "Granted"}
 
 
 def test_claim_value_tolerates_new_fields_and_upper_case_mac():

@@ -9,8 +9,9 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from cni.allocator import (AllocationStore, AttachmentKey, PoolState, allocate, decode_state, encode_state,
-                           record_claimed, release, release_unlisted, store_dir, usable_addresses)
+from cni.allocator import (AllocationStore, AttachmentKey, PoolState, ReservedForClaim, allocate, decode_state,
+                           encode_state, record_claimed, release, release_unlisted, reserve, store_dir, unreserve,
+                           usable_addresses)
 from cni.errors import AddressUnavailable, PoolExhausted, StateFailure
 
 SUBNET = IPv4Network("10.244.3.0/24")
@@ -172,6 +173,32 @@ def test_reserved_addresses_are_never_handed_out_or_granted():
     with pytest.raises(AddressUnavailable, match="claimed by another host"):
         allocate(PoolState(), key("c"), MY_SUBNET, MY_GATEWAY, "ovlvc", "/x", requested=IPv4Address("10.244.1.9"),
                  reserved=reserved)
+
+
+def test_reservations_in_the_records_are_never_handed_out_and_survive_encoding():
+    # The origin's daemon reserves an address for a claim it grants, in the records themselves.
+    state, holder = reserve(PoolState(), IPv4Address("10.244.1.2"))
+    assert holder is None and state.reserved == {IPv4Address("10.244.1.2")}
+    state, allocation, _ = allocate(state, key("a"), MY_SUBNET, MY_GATEWAY, "ovlva", "/x")
+    assert allocation.address == IPv4Address("10.244.1.3")   # .2 skipped
+    with pytest.raises(ReservedForClaim, match="reserved for another host's claim"):
+        allocate(state, key("b"), MY_SUBNET, MY_GATEWAY, "ovlvb", "/x", requested=IPv4Address("10.244.1.2"))
+    # An allocated address cannot be reserved: the claim is refused, naming who has it.
+    same, holder = reserve(state, IPv4Address("10.244.1.3"))
+    assert same is state and holder == allocation
+    decoded = decode_state(encode_state(state))
+    assert decoded == state and decoded.reserved == {IPv4Address("10.244.1.2")}
+    # Dropped when the claim is gone; dropping what is not reserved changes nothing.
+    assert unreserve(state, {IPv4Address("10.244.1.2")}).reserved == frozenset()
+    assert unreserve(state, {IPv4Address("10.244.1.99")}) is state
+
+
+def test_records_of_the_previous_version_have_no_reservations():
+    text = ('{"format": 1, "last": "10.244.1.2", "allocations": [\n {"network": "net", "containerID": "c1", '
+            '"ifname": "eth0", "address": "10.244.1.2", "hostIfname": "ovlv1", "netns": "/x"}\n]}\n')
+    assert decode_state(text).reserved == frozenset()
+    with pytest.raises(StateFailure, match="corrupt"):
+        decode_state(text.replace('"last"', '"reserved": ["10.244.1"], "last"'))
 
 
 def test_claimed_records_survive_encoding_and_are_exclusive():
