@@ -23,7 +23,10 @@ Design
   sendmsg(), and their acks are then collected and matched by sequence number, the way `ip
   -batch` works. The kernel handles one socket's requests strictly in order, so the plan's order
   holds. Measured here: 1000 peers applied in about 0.1 s and read back in 0.02 s; 5000 peers
-  in 0.7 s and 0.08 s (IPRoute one request at a time: 0.7 s and 0.2 s for 1000).
+  in 0.7 s and 0.08 s (IPRoute one request at a time: 0.7 s and 0.2 s for 1000). Reading back
+  parses each message once (_ParseCache): a resync at 5000 peers that finds what the one before
+  found costs ~15 ms of CPU, and returns the very objects the caller wants (read_state's
+  `known`), so plan() compares them by identity.
 * Extended acks (NETLINK_EXT_ACK) carry the kernel's own explanation of a refusal ("Nexthop
   device is not up", ...): we put it into the KernelError message.
 * Drift. watch_drift() gives a background thread its own socket bound to the link, neighbour and
@@ -60,7 +63,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from cni.rtnl import (IFLA_IFNAME, NETLINK_CAP_ACK, NETLINK_EXT_ACK, NETLINK_ROUTE, NLM_F_ACK, NLM_F_ACK_TLVS,
                       NLM_F_CAPPED, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REPLACE, NLM_F_REQUEST,
-                      NLMSG_DONE, NLMSG_ERROR, RTM_DELLINK, RTM_GETROUTE, RTM_NEWLINK, RTM_NEWROUTE,
+                      NLMSG_DONE, NLMSG_ERROR, RTM_DELLINK, RTM_GETLINK, RTM_GETROUTE, RTM_NEWLINK, RTM_NEWROUTE,
                       SOL_NETLINK)
 # One netlink codec for the project (stdlib only): the daemon's and the CNI service's messages
 # are packed and parsed by the same few functions.
@@ -122,6 +125,8 @@ class Kernel:
         self._last_device_name = ""
         self._watches: list[DriftWatch] = []
         self._closed = False
+        self._parsed = {kind: _ParseCache() for kind in ("routes", "neighbours", "fdb")}
+        self._last_read: DataplaneState | None = None
         try:
             self._ipr = _IPRouteThread(netns)
         except (OSError, NetlinkError) as exc:
@@ -201,20 +206,30 @@ class Kernel:
 
     # ------------------------------------------------------------------ reading state
 
-    def read_state(self, device_name: str) -> DataplaneState:
-        """What the kernel holds of ours, as values directly comparable to desired_state()."""
+    def read_state(self, device_name: str, known: DataplaneState | None = None) -> DataplaneState:
+        """What the kernel holds of ours, as values directly comparable to desired_state().
+
+        known: a state the answer is likely to equal (what the caller wants). Values read for
+        the first time are replaced by the equal ones of `known`, so that plan() compares the
+        two states by identity: at 5000 peers that is 1 ms instead of 40.
+        """
         with self._lock:
             self._last_device_name = device_name
             names = self._link_names()
-            routes = frozenset(self._read_routes(names))
+            routes = self._read_routes(names, known)
             link = self._link_by_name(device_name)
             if link is None:
                 return DataplaneState(None, routes=routes)
             device = self._read_device(link, names)
             index = link["index"]
-            neighbours = frozenset(self._read_neighbours(index))
-            fdb = frozenset(self._read_fdb(index))
-        return DataplaneState(device, neighbours, fdb, routes)
+            neighbours = self._read_neighbours(index, known)
+            fdb = self._read_fdb(index, known)
+            last = self._last_read
+            if (last is not None and last.routes is routes and last.neighbours is neighbours
+                    and last.fdb is fdb and last.device == device):
+                return last   # nothing changed: also keeps what plan() worked out about it
+            self._last_read = DataplaneState(device, neighbours, fdb, routes)
+            return self._last_read
 
     def _read_device(self, link, names: dict[int, str]) -> VxlanDevice:
         name = link.get_attr("IFLA_IFNAME")
@@ -255,35 +270,42 @@ class Kernel:
 
     # The three big dumps are read on our own socket and parsed with struct: pyroute2's generic
     # parser costs about 70 us a message, which at 5000 peers made every resync a second long.
+    #
+    # And each message is parsed once: a resync every few seconds finds the same 15000 messages
+    # as the last one, so the value a message stands for is remembered under the message's
+    # bytes (_ParseCache), and a resync costs a dictionary lookup per message (92 -> ~15 ms at
+    # 5000 peers). Route messages never change while the route does not. Neighbour and FDB
+    # messages carry NDA_CACHEINFO (ages, in clock ticks) that changes all the time, so their
+    # key is the part before it: ndmsg (family, device, state, flags), NDA_DST and NDA_LLADDR,
+    # in the order the kernel writes them (neigh_fill_info, vxlan_fdb_info); a message laid out
+    # otherwise is keyed by all its bytes (parsed every time, still right). Every field the
+    # parse looks at is inside the key, so equal keys mean equal values.
 
-    def _read_neighbours(self, index: int) -> Iterable[Neighbour]:
+    def _read_neighbours(self, index: int, known: DataplaneState | None) -> frozenset[Neighbour]:
         request = _NDMSG.pack(socket.AF_INET, 0, 0, 0, 0) + _rtattr(NDA_IFINDEX, struct.pack("=i", index))
-        for body in self._dump(RTM_GETNEIGH, request, "list neighbours"):
-            family, ifindex, state, _, _ = _NDMSG.unpack_from(body)
-            if family != socket.AF_INET or ifindex != index or not state & NUD_PERMANENT:
-                continue
-            neighbour = _neighbour_from(body)
-            if neighbour is not None:
-                yield neighbour
+        bodies = self._dump(RTM_GETNEIGH, request, "list neighbours")
+        if self._parsed["neighbours"].context != index:
+            self._parsed["neighbours"].forget(index)
+        return self._parsed["neighbours"].read(bodies, _neighbour_key, lambda body: _our_neighbour_from(body, index),
+                                               known.neighbours if known else None)
 
-    def _read_fdb(self, index: int) -> Iterable[FdbEntry]:
+    def _read_fdb(self, index: int, known: DataplaneState | None) -> frozenset[FdbEntry]:
         request = _NDMSG.pack(AF_BRIDGE, 0, 0, 0, 0) + _rtattr(NDA_IFINDEX, struct.pack("=i", index))
-        for body in self._dump(RTM_GETNEIGH, request, "list FDB entries"):
-            family, ifindex, _, flags, _ = _NDMSG.unpack_from(body)
-            if family != AF_BRIDGE or ifindex != index or not flags & NTF_SELF:
-                continue
-            entry = _fdb_entry_from(body)
-            if entry is not None:
-                yield entry
+        bodies = self._dump(RTM_GETNEIGH, request, "list FDB entries")
+        if self._parsed["fdb"].context != index:
+            self._parsed["fdb"].forget(index)
+        return self._parsed["fdb"].read(bodies, _fdb_key, lambda body: _our_fdb_entry_from(body, index),
+                                        known.fdb if known else None)
 
-    def _read_routes(self, names: dict[int, str]) -> Iterable[Route]:
+    def _read_routes(self, names: dict[int, str], known: DataplaneState | None) -> frozenset[Route]:
         # Every route of our protocol in the main table, whatever its device: they are all ours,
         # and one left on a device we no longer use must show up so plan() removes it.
         request = _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
-        for body in self._dump(RTM_GETROUTE, request, "list routes"):
-            route = _our_route_from(body, names)
-            if route is not None:
-                yield route
+        bodies = self._dump(RTM_GETROUTE, request, "list routes")
+        cache = self._parsed["routes"]
+        if cache.context != names:   # a route's device name comes from the names: parse anew
+            cache.forget(names)
+        return cache.read(bodies, bytes, lambda body: _our_route_from(body, names), known.routes if known else None)
 
     def _dump(self, kind: int, request: bytes, what: str) -> list[bytes]:
         """The bodies of every message a dump request returns.
@@ -505,8 +527,14 @@ class Kernel:
             raise _translate(exc, f"device {name}: read") from None
 
     def _link_names(self) -> dict[int, str]:
-        return {link["index"]: link.get_attr("IFLA_IFNAME")
-                for link in self._call("list devices", self._ipr.link, "dump")}
+        """Index -> name of every device, from a dump on our own socket (pyroute2 decodes every
+        attribute of every link, ~1 ms; this reads the name only)."""
+        names = {}
+        for body in self._dump(RTM_GETLINK, _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0), "list devices"):
+            name = _attributes(body, _IFINFOMSG.size).get(IFLA_IFNAME)
+            if name is not None:
+                names[_IFINFOMSG.unpack_from(body)[2]] = name.rstrip(b"\0").decode(errors="replace")
+        return names
 
     def _ipv4_addresses(self, index: int) -> list[IPv4Interface]:
         """The device's IPv4 addresses, primaries first (the kernel lists them in that order)."""
@@ -624,6 +652,78 @@ def _our_route_from(body: bytes, names: dict[int, str]) -> Route | None:
 
 
 
+
+
+def _our_neighbour_from(body: bytes, index: int) -> Neighbour | None:
+    """The neighbour of ours (IPv4, permanent, on device `index`) a dumped ndmsg describes."""
+    family, ifindex, state, _, _ = _NDMSG.unpack_from(body)
+    if family != socket.AF_INET or ifindex != index or not state & NUD_PERMANENT:
+        return None
+    return _neighbour_from(body)
+
+
+def _our_fdb_entry_from(body: bytes, index: int) -> FdbEntry | None:
+    """The FDB entry of ours (the device's own table, on device `index`) a dumped ndmsg describes."""
+    family, ifindex, _, flags, _ = _NDMSG.unpack_from(body)
+    if family != AF_BRIDGE or ifindex != index or not flags & NTF_SELF:
+        return None
+    return _fdb_entry_from(body)
+
+
+# The attribute headers (length, type) that start the kernel's usual layouts: ndmsg (12 bytes),
+# then NDA_DST (IPv4: 8 bytes) and NDA_LLADDR (a MAC: 10, padded to 12) for a neighbour, the two
+# the other way round for a VXLAN FDB entry. 32 bytes hold all a parse looks at.
+_NEIGHBOUR_DST = struct.pack("=HH", 8, 1)     # NDA_DST
+_NEIGHBOUR_LLADDR = struct.pack("=HH", 10, 2)  # NDA_LLADDR
+
+
+def _neighbour_key(body: bytes) -> bytes:
+    if body[12:16] == _NEIGHBOUR_DST and body[20:24] == _NEIGHBOUR_LLADDR:
+        return body[:32]
+    return body
+
+
+def _fdb_key(body: bytes) -> bytes:
+    if body[12:16] == _NEIGHBOUR_LLADDR and body[24:28] == _NEIGHBOUR_DST:
+        return body[:32]
+    return body
+
+
+class _ParseCache:
+    """The values dumped messages stand for, by the messages' keys, from one read to the next.
+
+    Only the messages of the latest read are kept, so it never holds more than the kernel
+    does. When a read finds exactly the keys of the one before, the same frozenset is returned.
+    """
+
+    def __init__(self):
+        self._values: dict[bytes, object] = {}
+        self._keys: list[bytes] = []
+        self._result: frozenset = frozenset()
+        self.context: object = None
+
+    def forget(self, context: object) -> None:
+        self._values, self._keys, self._result, self.context = {}, [], frozenset(), context
+
+    def read(self, bodies: list[bytes], key_of: Callable[[bytes], bytes], parse: Callable[[bytes], object],
+             known: frozenset | None) -> frozenset:
+        keys = list(map(key_of, bodies))
+        if keys == self._keys:
+            return self._result
+        previous, values = self._values, {}
+        interned = None
+        for key, body in zip(keys, bodies):
+            value = previous.get(key, previous)   # `previous` itself: not seen before
+            if value is previous:
+                value = parse(body)
+                if value is not None and known is not None:
+                    if interned is None:
+                        interned = {item: item for item in known}
+                    value = interned.get(value, value)
+            values[key] = value
+        self._values, self._keys = values, keys
+        self._result = frozenset(value for value in values.values() if value is not None)
+        return self._result
 
 
 def _neighbour_request(neighbour: Neighbour, device: str, index: int, delete: bool = False) -> _Request:

@@ -440,6 +440,7 @@ def test_the_filter_at_many_peers_in_process(ns):
         for peers in (1000, 5000):
             sources = [IPv4Address(int(IPv4Address("172.16.0.0")) + i) for i in range(peers)]
             firewall._vxlan_applied.clear()
+            firewall._vxlan_known.clear()
             timings = []
             for wanted, expect in ((sources, "table"), (sources, ""),
                                    (sources[1:] + [IPv4Address("198.18.0.99")], "elements")):
@@ -452,3 +453,72 @@ def test_the_filter_at_many_peers_in_process(ns):
     for peers, (whole, unchanged, one) in result.items():
         print(f"VXLAN source filter in-process at {peers} peers: whole table {1000 * whole:.0f} ms, "
               f"unchanged {1000 * unchanged:.0f} ms, one left, one joined {1000 * one:.0f} ms")
+
+
+def test_in_process_the_ruleset_generation_spares_listings_until_anything_commits(ns):
+    """While nothing commits to nftables in the namespace (its ruleset generation stays), the
+    filter and the iptables rules are known without listing them; any commit by anyone (nft,
+    iptables-nft) makes the next call look again, and drift is repaired as before."""
+    result, _ = in_process(ns, """
+        import os
+        from ipaddress import IPv4Network
+        listings = {"nft": 0, "iptables-save": 0}
+        read_table, run = firewall._read_vxlan_table, firewall._run
+        def counted_read(netns):
+            listings["nft"] += 1
+            return read_table(netns)
+        def counted_run(argv, netns, stdin=None):
+            if argv[0] == "iptables-save":
+                listings["iptables-save"] += 1
+            return run(argv, netns, stdin)
+        firewall._read_vxlan_table, firewall._run = counted_read, counted_run
+        def nft(*argv):
+            assert os.spawnvp(os.P_WAIT, "nft", ["nft", *argv]) == 0
+        def step(name, value):
+            result[name] = [value, dict(listings)]
+            listings.update(nft=0, **{"iptables-save": 0})
+        g0 = firewall.ruleset_generation()
+        step("generation is a number", isinstance(g0, int))
+        step("first sync", firewall.sync_vxlan_filter(8472, ips(12, 13)))
+        step("unchanged", firewall.sync_vxlan_filter(8472, ips(12, 13)))
+        step("one joined", firewall.sync_vxlan_filter(8472, ips(12, 13, 14)))
+        step("update", firewall.update_vxlan_filter(8472, ips(15), ips(12)))
+        step("update again", firewall.update_vxlan_filter(8472, ips(15), ips(12)))
+        step("sources", sorted(map(str, firewall.vxlan_filter_sources())))
+        nft("add", "element", "ip", "overlay", "vxlan_sources", "{ 203.0.113.9 }")
+        step("update after drift", firewall.update_vxlan_filter(8472, ips(16), ()))
+        step("drift repaired", firewall.sync_vxlan_filter(8472, ips(13, 14, 15)))
+        step("sources repaired", sorted(map(str, firewall.vxlan_filter_sources())))
+        firewall.apply_rules(IPv4Network("10.244.0.0/16"), True)
+        listings.update(nft=0, **{"iptables-save": 0})
+        step("rules checked", firewall.rules_present())
+        step("rules known", firewall.rules_present())
+        # iptables-restore committed since the set was last seen: listed once, then known again.
+        step("set after the rules", [firewall.update_vxlan_filter(8472, ips(16), ()),
+                                     firewall.sync_vxlan_filter(8472, ips(13, 14, 15))])
+        step("after our own set change", [firewall.update_vxlan_filter(8472, ips(16), ()), firewall.rules_present()])
+        assert os.spawnvp(os.P_WAIT, "iptables", ["iptables", "-t", "nat", "-F", "OVERLAY-POSTRTG"]) == 0
+        step("rule flushed by iptables", firewall.rules_present())
+        firewall.apply_rules(IPv4Network("10.244.0.0/16"), True)
+        listings.update(nft=0, **{"iptables-save": 0})
+        step("rules back", [firewall.rules_present(), firewall.rules_present()])
+    """, allow_subprocess=True)
+    none = {"nft": 0, "iptables-save": 0}
+    assert result["generation is a number"] == [True, none]
+    assert result["first sync"][0] == "table"
+    assert result["unchanged"] == ["", none]
+    assert result["one joined"] == ["elements", none]
+    assert result["update"] == [True, none]
+    assert result["update again"] == [True, none]
+    assert result["sources"][0] == ["198.18.0.13", "198.18.0.14", "198.18.0.15"]
+    assert result["update after drift"] == [False, none]
+    assert result["drift repaired"] == ["elements", {"nft": 1, "iptables-save": 0}]
+    assert result["sources repaired"][0] == ["198.18.0.13", "198.18.0.14", "198.18.0.15"]
+    if firewall._iptables_on_nftables():
+        assert result["rules checked"] == [True, {"nft": 0, "iptables-save": 2}]
+        assert result["rules known"] == [True, none]
+        assert result["set after the rules"] == [[False, ""], {"nft": 1, "iptables-save": 0}]
+        assert result["after our own set change"] == [[True, True], none]
+        assert result["rule flushed by iptables"] == [False, {"nft": 0, "iptables-save": 2}]
+        assert result["rules back"] == [[True, True], {"nft": 0, "iptables-save": 2}]
+    assert nft_sources(ns) == {"198.18.0.13", "198.18.0.14", "198.18.0.15", "198.18.0.16"}
