@@ -540,7 +540,15 @@ class Daemon:
                 self.dirty.set()
 
     async def _relist(self) -> None:
-        leases, revision = await self.store.list_leases()
+        for _ in range(3):
+            leases, revision = await self.store.list_leases()
+            # The timer's re-list runs beside the watch, which may have applied an event newer
+            # than this listing while it was on its way: applying the listing would undo that
+            # event, and the watch, already past it, would never repeat it. Read again (a read
+            # begun after the event is at least as new; only an etcd restored from an older
+            # backup stays behind, and then the listing is all there is to trust).
+            if revision >= self.revision:
+                break
         self.status.store_reachable = True
         own_subnet = self.own.subnet if self.own else None
         mine = next((lease for lease in leases if lease.subnet == own_subnet), None)
