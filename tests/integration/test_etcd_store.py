@@ -18,6 +18,7 @@ import pytest
 import overlay.etcd
 from overlay.errors import LeaseLost, StoreUnavailable, WatchCompacted
 from overlay.etcd import EtcdSettings, EtcdStore, LeaseEvent
+from overlay.etcd_server import stop_cluster
 from overlay.lease import DEFAULT_PREFIX, LeaseAttrs, parse_lease_value
 from tests.support.etcd import (client_urls, etcd_pki, etcd_tls, etcdctl, lease_ids, leader_index,  # noqa: F401
                                 raw_get)
@@ -383,3 +384,50 @@ def test_watch_leaves_a_frozen_member_within_seconds(etcd3):
     assert [event.lease for event in events] == written
     assert took_write < EtcdSettings.request_timeout
     assert took_watch < EtcdStore.stale_after + EtcdSettings.request_timeout
+
+
+def test_watch_resumes_after_the_whole_cluster_restarts(etcd3):
+    """Every member stopped, then all started again on their data (an etcd-wide outage). The
+    watch gives up while nothing answers (StoreUnavailable, as the daemon sees it), and the watch
+    resumed afterwards from the last revision seen + 1 delivers, in order and without a re-list,
+    what changed once etcd was back: a delete (an operator removing a lost host's lease) and a
+    lease's expiry. (No member keeps time while all are down: etcd restores the leases with their
+    whole TTL when a new leader is elected, so an unrenewed lease expires a TTL after that.)"""
+    urls = client_urls(etcd3)
+    members = [process.member for process in etcd3]
+    ttl = 3
+
+    async def body():
+        watcher = EtcdStore(settings(urls))
+        writer = EtcdStore(settings(urls))
+        try:
+            _, start = await writer.list_leases()
+            recorder = Recorder(watcher, start + 1)
+            removed = await writer.claim_subnet(IPv4Network("10.244.40.0/24"), attrs(40), ttl=600)
+            expiring = await writer.claim_subnet(IPv4Network("10.244.41.0/24"), attrs(41), ttl=ttl)
+            await poll(lambda: recorder.seen(expiring.mod_revision), 10, "the watch to deliver")
+            assert await writer.keepalive(expiring.lease_id) > 0
+            await asyncio.to_thread(stop_cluster, etcd3)
+            await poll(lambda: recorder.resumes >= 1, 30, "the watch to give up while etcd is down")
+            for process in etcd3:
+                process.start(members)
+            deadline = time.monotonic() + 60
+            for process in etcd3:
+                await asyncio.to_thread(process.wait_healthy, deadline)
+            await writer.delete_lease(removed.subnet)
+            added = await writer.claim_subnet(IPv4Network("10.244.42.0/24"), attrs(42), ttl=600)
+            await poll(lambda: recorder.seen(added.mod_revision), 30, "the watch to resume")
+            await poll(lambda: any(event.subnet == expiring.subnet and event.lease is None
+                                   for event in recorder.events), 60, "the unrenewed lease's expiry")
+            await recorder.stop()
+            return [removed, expiring, added], recorder.events, recorder.resumes
+        finally:
+            await watcher.close()
+            await writer.close()
+    (removed, expiring, added), events, resumes = run(body(), timeout=150)
+    print(f"whole cluster restarted: the watch gave up {resumes} time(s) during the outage and resumed")
+    assert [(event.subnet, event.lease) for event in events if event.subnet != expiring.subnet] == \
+        [(removed.subnet, removed), (removed.subnet, None), (added.subnet, added)]
+    assert [(event.subnet, event.lease) for event in events if event.subnet == expiring.subnet] == \
+        [(expiring.subnet, expiring), (expiring.subnet, None)]
+    assert [event.revision for event in events] == sorted({event.revision for event in events})
