@@ -17,6 +17,8 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from ipaddress import IPv4Interface
+
 import pytest
 
 from cni.runtime import Attachment, PluginFailed
@@ -213,3 +215,140 @@ def test_tcp_connection_pauses_and_carries_on_across_a_move(lab):
           f"ADD {1000 * (timings['add_done'] - timings['del_done']):.0f} ms")
     assert count > 100
     assert longest < 5.0
+
+
+# --- the origin decides ---------------------------------------------------------------------------
+
+def records(lab: Lab, host: str) -> dict:
+    return json.loads((lab.host(host).run_dir / "cni-ipam" / "allocations.json").read_text())
+
+
+def test_claim_of_an_address_in_use_on_its_origin_is_refused_and_leaves_nothing_behind(lab):
+    lab.up(hosts=3, containers=1)
+    lab.wait_converged(timeout=60)
+    busy = lab.container("h1c1")              # still attached on h1: its address is in use there
+    links_before = host_links(lab, "h2")
+    netns = f"ovl-{lab.name}-h2c9"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    attachment = Attachment(secrets.token_hex(32), f"/run/netns/{netns}", "eth0", f"IP={busy.address}")
+    with pytest.raises(PluginFailed) as refused:
+        lab.conflist("h2").add(attachment)
+    error = refused.value
+    assert error.code == 103, error.error
+    assert (f"in use on origin host {lab.host('h1').public_ip} (subnet {lab.subnet('h1')})" in error.error["msg"]
+            and f"container {busy.container_id[:12]} eth0" in error.error["msg"]), error.error
+    # Nothing left on the claimant: no link, no host route, no record, no claim, no address inside.
+    assert host_links(lab, "h2") == links_before
+    assert str(busy.address) not in lab.exec("h2", ["ip", "route", "show", "proto", "212"]).stdout
+    assert str(busy.address) not in {a["address"] for a in records(lab, "h2")["allocations"]}
+    assert str(busy.address) not in claims(lab)
+    assert "eth0" not in subprocess.run(["ip", "-n", netns, "-o", "link"], capture_output=True, text=True).stdout
+    # The origin kept it all along: no route away, nothing reserved, reached from every container.
+    assert f"via {lab.subnet('h2').network_address}" not in host_route(lab, "h1", busy.address)
+    assert records(lab, "h1").get("reserved", []) == []
+    reaches_all(lab, "h1c1")
+    # A DEL of the refused attachment (a runtime cleaning up) is harmless.
+    lab.conflist("h2").delete(attachment)
+
+
+def test_the_origin_never_hands_out_a_granted_address(lab):
+    from cni.allocator import AllocationStore, AttachmentKey, allocate, release, store_dir
+    from cni.errors import PoolExhausted
+
+    lab.up(hosts=3, containers=1)
+    lab.wait_converged(timeout=60)
+    address = lab.container("h1c1").address
+    lab.move_container("h1c1", "h2")
+    assert claims(lab)[str(address)]["Grant"] == "Granted"
+    assert str(address) in records(lab, "h1")["reserved"]     # reserved before it was granted
+    # Hold the origin's allocator busy: four threads allocate from h1's records (the same file and
+    # lock the CNI service and the daemon's granter use) until the pool is exhausted, while real
+    # ADDs run through h1's plugin.
+    subnet = lab.subnet("h1")
+    store = AllocationStore(store_dir(lab.host("h1").run_dir))
+    handed_out: list = []
+
+    def allocate_until_exhausted(worker: int) -> None:
+        n = 0
+        while True:
+            key = AttachmentKey("busy", f"busy{worker}x{n}", "eth0")
+            n += 1
+
+            def take(state):
+                state, allocation, _ = allocate(state, key, subnet, subnet.network_address + 1, "ovlvbusy", "/x")
+                return state, allocation
+            try:
+                handed_out.append(store.update(take).address)
+            except PoolExhausted:
+                return
+    def add_through_the_plugin(i: int):
+        try:
+            result = lab.conflist("h1").add(Attachment(secrets.token_hex(32), f"/run/netns/{_netns(lab, f'h1b{i}')}",
+                                                       "eth0", ""))
+        except PluginFailed as exc:
+            assert exc.code == 100, exc.error    # the busy threads took the rest of the pool first
+            return None
+        return IPv4Interface(result["ips"][0]["address"]).ip
+    with ThreadPoolExecutor(max_workers=7) as pool:
+        busy = [pool.submit(allocate_until_exhausted, worker) for worker in range(4)]
+        added = [pool.submit(add_through_the_plugin, i) for i in range(3)]
+        for future in busy:
+            future.result()
+        real = [future.result() for future in added if future.result() is not None]
+    assert address not in handed_out and address not in real
+    # Exhausted: every usable address of the /24 (253, the gateway's excluded) but the moved one.
+    assert len(handed_out) + len(real) + 1 == 253 and len(set(handed_out + real)) == 252
+    with pytest.raises(LabError, match="claimed by host"):
+        lab.add_container("h1", name="back", ip=address)
+    # Give the busy records back, then let the container go home: DEL on h2, ADD on h1.
+    store.update(lambda state: (_release_all(state, "busy"), None))
+    lab.remove_container("h1c1")
+    home = lab.add_container("h1", name="home", ip=address)
+    assert home.address == address
+    wait_until(lambda: str(address) not in records(lab, "h1")["reserved"], time.monotonic() + 15,
+               f"h1 to drop its reservation of {address}")
+
+
+def _netns(lab: Lab, name: str) -> str:
+    netns = f"ovl-{lab.name}-{name}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    return netns
+
+
+def _release_all(state, network: str):
+    from cni.allocator import release_unlisted
+    return release_unlisted(state, network, frozenset())[0]
+
+
+def test_an_origin_that_is_down_fails_the_claim_with_11_and_decides_when_it_is_back(lab):
+    lab.up(hosts=2, containers=1)
+    lab.wait_converged(timeout=60)
+    wanted = lab.subnet("h1").network_address + 77      # free on h1
+    lab.stop_daemon("h1")                              # its lease lives on (TTL 24 h): h1 is the origin
+    links_before = host_links(lab, "h2")
+    attachment = Attachment(secrets.token_hex(32), f"/run/netns/{_netns(lab, 'h2c9')}", "eth0", f"IP={wanted}")
+    with pytest.raises(PluginFailed) as unanswered:
+        lab.conflist("h2").add(attachment)
+    error = unanswered.value
+    assert error.code == 11, error.error
+    assert (f"origin host {lab.host('h1').public_ip} (subnet {lab.subnet('h1')}) did not answer" in error.error["msg"]
+            and "is overlayd running there?" in error.error["msg"]), error.error
+    assert host_links(lab, "h2") == links_before
+    assert str(wanted) not in {a["address"] for a in records(lab, "h2")["allocations"]}
+    assert str(wanted) not in claims(lab)
+    # A claim left pending while the origin was down (by a host that then went quiet: none of
+    # the lab's, so no keeper withdraws it) is decided by the origin's first listing when it is back...
+    stranger = {"PublicIP": "198.18.250.9", "VtepMAC": "c6:d2:00:00:fa:09", "Subnet": "10.244.250.0/24",
+                "ContainerID": "stranger", "Grant": "Pending"}
+    lab.etcdctl("put", CLAIMS + str(wanted), json.dumps(stranger))
+    lab.start_daemon("h1")
+    wait_until(lambda: claims(lab).get(str(wanted), {}).get("Grant") == "Granted", time.monotonic() + 30,
+               f"h1 to grant the pending claim on {wanted} when it is back")
+    assert str(wanted) in records(lab, "h1")["reserved"]
+    assert claims(lab)[str(wanted)]["ContainerID"] == "stranger"
+    # ...and when the claim goes (its claimant's lease expired, say), the reservation goes too.
+    lab.etcdctl("del", CLAIMS + str(wanted))
+    wait_until(lambda: str(wanted) not in records(lab, "h1")["reserved"], time.monotonic() + 15,
+               f"h1 to drop its reservation of {wanted}")
+    lab.wait_converged(timeout=60)
+    assert lab.add_container("h1", name="there", ip=wanted).address == wanted
