@@ -4,8 +4,8 @@ hosts and one container each, one container moves from host to host; per move we
 - reach: from the moment the ADD on the new host returned (the attach) until every other
   container (9, one per host, the origin's included) has had a ping answered by the moved
   address; the slowest of them is the move's figure. Negative means everyone was answered
-  before the ADD call returned to the runtime (the claim is made inside ADD, and peers route on
-  it while the plugin's answer is still on its way back);
+  before the ADD call returned to the runtime (ADD returns once the origin has granted the
+  claim, and peers route on that grant while the plugin's answer is still on its way back);
 - TCP pause: the longest gap between consecutive round trips of a TCP echo stream (8 bytes
   every 10 ms, TCP_NODELAY) from a container on a third host to the moving one, across the move;
   the connection must survive (it is never re-opened).
