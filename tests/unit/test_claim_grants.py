@@ -344,3 +344,67 @@ def test_a_repeated_add_finds_its_own_decided_claim(loop, tmp_path):
     hook.await_grant(again)
     with pytest.raises(AddressUnavailable, match="claimed by host 198.18.0.12"):
         hook.claim(IPv4Address("10.244.1.9"), "another")
+
+
+# --- a move home takes back a stale reservation (cni.service) ---------------------------------------
+
+class FreshReads:
+    """The ClaimHook's check_free as the CNI service sees it: a fresh read of the claim."""
+
+    def __init__(self, claimed: bool, during=lambda: None):
+        self.claimed, self.during, self.reads = claimed, during, 0
+
+    def check_free(self, address):
+        self.reads += 1
+        self.during()
+        if self.claimed:
+            raise AddressUnavailable(f"{address} is claimed by host 198.18.0.12")
+
+
+def _take_exactly(address):
+    def take(state):
+        state, allocation, new = allocate(state, AttachmentKey("net", "home", "eth0"), OWN.subnet,
+                                          IPv4Address("10.244.1.1"), "ovlvhome", "/x", requested=address)
+        return state, (allocation, new)
+    return take
+
+
+def test_a_move_home_takes_back_a_reservation_whose_claim_is_gone(tmp_path):
+    pytest.importorskip("pyroute2")
+    from cni.service import Attacher
+    address = IPv4Address("10.244.1.9")
+    records_ = AllocationStore(store_dir(tmp_path))
+    records_.update(lambda state: (decide_claims(state, OWN, [claim("10.244.1.9", PEER_A, Grant.PENDING)]).state, None))
+    # While the claim is read again, the records stay locked: a grant of a newer claim (here, a
+    # second store reserving another address, as the daemon's granter does) waits for the ADD.
+    granted_meanwhile = []
+
+    def a_grant_in_another_thread():
+        thread = threading.Thread(target=lambda: granted_meanwhile.append(AllocationStore(store_dir(tmp_path)).update(
+            lambda state: (decide_claims(state, OWN, [claim("10.244.1.10", PEER_B, Grant.PENDING)]).state, True))))
+        thread.start()
+        thread.join(0.3)
+        assert thread.is_alive() and not granted_meanwhile   # blocked on the records' lock
+        a_grant_in_another_thread.thread = thread
+    fresh = FreshReads(claimed=False, during=a_grant_in_another_thread)
+    attacher = Attacher(tmp_path, claims=fresh)
+    allocation, new = attacher._take_back(address, _take_exactly(address))
+    a_grant_in_another_thread.thread.join(10)
+    assert new and allocation.address == address and fresh.reads == 1
+    state = records_.read()
+    assert state.holder(address) is not None and address not in state.reserved
+    assert granted_meanwhile == [True]
+    # The granter's round ran after the ADD: the old reservation is not back (the claim is gone).
+    assert state.reserved == {IPv4Address("10.244.1.10")}
+
+
+def test_a_move_home_while_the_claim_still_holds_is_refused_and_changes_nothing(tmp_path):
+    pytest.importorskip("pyroute2")
+    from cni.service import Attacher
+    address = IPv4Address("10.244.1.9")
+    records_ = AllocationStore(store_dir(tmp_path))
+    records_.update(lambda state: (decide_claims(state, OWN, [claim("10.244.1.9", PEER_A, Grant.GRANTED)]).state, None))
+    before = records_.read()
+    with pytest.raises(AddressUnavailable, match="claimed by host"):
+        Attacher(tmp_path, claims=FreshReads(claimed=True))._take_back(address, _take_exactly(address))
+    assert records_.read() == before
