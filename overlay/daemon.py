@@ -43,15 +43,14 @@ from pathlib import Path
 from . import firewall, sdnotify
 from .config import NetworkConfig, parse_config
 from .claimhook import ClaimFollower, ClaimGranter, ClaimHook, ClaimKeeper
-from .dataplane import (DataplaneState, Neighbour, Route, Underlay, desired_state, plan, vtep_mac,
-                        vxlan_sources)
+from .dataplane import DataplaneState, DesiredTracker, Neighbour, Route, Underlay, _address_key, plan, vtep_mac
 from .errors import (ConfigError, LeaseLost, OverlayError, StoreError, StoreUnavailable,
                      SubnetsExhausted, WatchCompacted)
 from .etcd import EtcdSettings, EtcdStore, LeaseEvent
 from .health import DaemonStatus, serve_health
 from .kernel import Kernel, KernelChange
 from .lease import DEFAULT_PREFIX, Lease, LeaseAttrs, choose_subnet
-from .moves import moved_away, with_moved_addresses
+from .moves import moved_away, moved_routes
 from .subnetfile import for_subnet, read_subnet_file, write_subnet_file
 
 log = logging.getLogger("overlayd")
@@ -86,7 +85,10 @@ class Daemon:
         self.config: NetworkConfig | None = None
         self.underlay: Underlay | None = None
         self.own: Lease | None = None
-        self.peers: dict[IPv4Network, Lease] = {}
+        self._peers: dict[IPv4Network, Lease] = {}
+        # Subnets whose lease changed since the desired state last saw them (None: rebuild it).
+        self._changed_subnets: set[IPv4Network] | None = None
+        self._tracker: DesiredTracker | None = None   # the desired state, kept lease by lease
         self.revision = 0                 # etcd revision the lease map reflects
         self.listed_revision = 0          # revision of the last full listing: older events are stale
         self.dirty = asyncio.Event()
@@ -101,14 +103,38 @@ class Daemon:
         self._last_logged_peers: int | None = None
         self._vxlan_filter_removed = False
         self.cni = None                   # the CNI service, once the data plane is ready
-        # What the last successful reconcile left in the kernel; None: read it back next time.
-        self._believed: DataplaneState | None = None
-        self._filtered_sources: frozenset[IPv4Address] | None = None   # in the VXLAN filter now
+        # Whether the kernel holds what the last successful reconcile left: the tracker's state
+        # at its last commit, plus the /32 routes of moved addresses then (_moved_believed).
+        # False: read it back next time.
+        self._kernel_known = False
+        self._moved_believed: frozenset[Route] = frozenset()
+        self._filter_known = False        # the VXLAN filter holds the tracker's committed sources
         self._suspicions = 0              # counts netlink events and resync ticks
-        self._applying: DataplaneState | None = None   # what the reconcile under way is making
+        # What the kernel is being made to hold (or was, by the last successful reconcile), for
+        # telling the echo of our own changes from drift: the tracker, or with moved addresses a
+        # whole DataplaneState. None after a failure: every event is drift.
+        self._expected: DesiredTracker | DataplaneState | None = None
         # Every kernel call runs on this one thread: pyroute2's synchronous API drives an event
         # loop of its own and refuses to run inside ours, and one thread keeps the calls in order.
         self._netlink_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
+
+    @property
+    def peers(self) -> dict[IPv4Network, Lease]:
+        """The peers' leases by subnet. Changed in place only by _on_lease_event, which notes
+        what it changed; a whole new map (a listing) is compared with the old one here."""
+        return self._peers
+
+    @peers.setter
+    def peers(self, leases: dict[IPv4Network, Lease]) -> None:
+        old, self._peers = self._peers, leases
+        if self._changed_subnets is not None:
+            self._changed_subnets.update(subnet for subnet in old.keys() | leases.keys()
+                                         if old.get(subnet) is not leases.get(subnet)
+                                         and old.get(subnet) != leases.get(subnet))
+
+    def _note_changed(self, subnet: IPv4Network) -> None:
+        if self._changed_subnets is not None:
+            self._changed_subnets.add(subnet)
 
     async def _in_netlink_thread(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self._netlink_thread, function, *args)
@@ -333,14 +359,14 @@ class Daemon:
     def _on_kernel_changes(self, changes: list[KernelChange] | None) -> None:
         """Netlink events about our objects. Those that only say what we believe (the echo of
         our own changes) need no second look; anything else, or anything not described, is drift."""
-        expected = self._believed or self._applying
+        expected = self._expected
         if changes is None or expected is None or not _all_as_expected(changes, expected):
             self._mark_kernel_suspect()
 
     def _mark_kernel_suspect(self) -> None:
         """The kernel may differ from what we believe (a netlink event, or the resync timer):
         the next reconcile reads it back, and checks forwarding and firewall too."""
-        self._believed = None
+        self._kernel_known = False
         self._suspicions += 1
         self.dirty.set()
 
@@ -369,42 +395,63 @@ class Daemon:
         level-triggered repair. When only etcd changed, the kernel is taken to hold what the last
         successful reconcile left (anything else since would have raised a netlink event and made
         it suspect), so a lease event costs no dump of thousands of objects and no fork of
-        iptables or nft: the change reaches the kernel in milliseconds, even with 5000 peers.
+        iptables or nft; and the changes are worked out from the changed leases alone
+        (DesiredTracker.pending_plan(), equal to plan() of the whole states): one lease event
+        costs what it changes, not what exists, also with 5000 peers.
         """
         started = time.monotonic()
-        subnets = desired_state(self.own, self.peers.values(), self.config, self.underlay)
-        desired = with_moved_addresses(subnets, self.own, self.peers.values(), self.moves.claims.values())
-        believed, self._believed = self._believed, None   # stays None unless this run succeeds
-        suspect = believed is None
+        tracker = self._track_leases()
+        claims = self.moves.claims
+        moved = (moved_routes(tracker.state().routes, self.own, self.peers.values(), claims.values())
+                 if claims else frozenset())
+        desired = DataplaneState(tracker.device, tracker.state().neighbours, tracker.state().fdb,
+                                 tracker.state().routes | moved) if moved else None
+        suspect, self._kernel_known = not self._kernel_known, False   # stays False unless this run succeeds
+        filter_known, self._filter_known = self._filter_known, False
         suspicions = self._suspicions
-        self._applying = desired
+        self._expected = desired or tracker
         try:
-            actual = (await self._in_netlink_thread(self.kernel.read_state, desired.device.name)
-                      if suspect else believed)
-            changes = plan(desired, actual)
+            changes = None
+            if not suspect and not moved and not self._moved_believed:
+                changes = tracker.pending_plan()
+            if changes is None:
+                desired = desired or tracker.state()
+                if suspect:
+                    actual = await self._in_netlink_thread(self.kernel.read_state, desired.device.name, desired)
+                else:
+                    actual = tracker.committed_state()
+                    if self._moved_believed:
+                        actual = DataplaneState(actual.device, actual.neighbours, actual.fdb,
+                                                actual.routes | self._moved_believed)
+                changes = plan(desired, actual)
             if not changes.empty:
-                for line in changes.describe():
+                described = changes.describe()
+                for line in described:
                     log.info("%s", line)
                 await self._in_netlink_thread(self.kernel.apply, changes)
-                self.status.changes_applied += len(changes.describe())
+                self.status.changes_applied += len(described)
             if changes.create_device is not None or not self.status.data_plane_ready:
                 await self._in_netlink_thread(self._apply_host_settings)
             elif suspect and not await self._in_netlink_thread(self._host_settings_present):
                 log.info("ip forwarding off or firewall rules changed: restoring them")
                 await self._in_netlink_thread(self._apply_host_settings)
-            sources = vxlan_sources(self.own, self.peers.values(), self.config)
-            if suspect or sources != self._filtered_sources:
-                await self._in_netlink_thread(self._sync_vxlan_filter, sources)
-                self._filtered_sources = sources
-            await self._announce_moved_away(desired)
+            if suspect or not filter_known:
+                await self._in_netlink_thread(self._sync_vxlan_filter, tracker.sources())
+            else:
+                added, removed = tracker.pending_sources()
+                if added or removed:
+                    await self._in_netlink_thread(self._update_vxlan_filter, tracker, added, removed)
+            self._filter_known = True
+            await self._announce_moved_away(moved)
+            tracker.commit()
+            self._moved_believed = moved
             if self._suspicions == suspicions:
                 # Nothing reported a change meanwhile (our own changes echo back as netlink
                 # events, so after a change the next run reads the kernel once more).
-                self._believed = desired
+                self._kernel_known = True
             self.status.in_sync = True
         except OverlayError as exc:
-            self._filtered_sources = None
-            self._applying = None
+            self._expected = None
             self.status.in_sync = False
             self.status.reconcile_failures += 1
             self.status.problem = f"reconcile failed: {exc}"
@@ -415,20 +462,36 @@ class Daemon:
             self.status.reconcile_runs += 1
             self.status.last_reconcile_seconds = elapsed
             self.status.reconcile_seconds_total += elapsed
-            self.status.peers = len(subnets.routes)
+            self.status.peers = len(tracker)
             if self.status.peers != self._last_logged_peers:
                 log.info("%d peers programmed (reconcile %.1f ms)", self.status.peers, elapsed * 1000)
                 self._last_logged_peers = self.status.peers
+
+    def _track_leases(self) -> DesiredTracker:
+        """The desired state brought up to date with the leases changed since the last call: a
+        new tracker (from every lease, and a kernel read to diff against) when our own lease,
+        the config or the underlay changed, or the lease map was replaced wholesale."""
+        tracker = self._tracker
+        if (tracker is None or self._changed_subnets is None
+                or not tracker.matches(self.own, self.config, self.underlay)):
+            tracker = self._tracker = DesiredTracker(self.own, self.config, self.underlay, self.peers.values())
+            self._kernel_known = self._filter_known = False
+        else:
+            for subnet in self._changed_subnets:
+                tracker.update(subnet, self.peers.get(subnet))
+        self._changed_subnets = set()
+        return tracker
 
     def _claims_changed(self) -> None:
         self.dirty.set()
         self.keeper.wake.set()
         self.granter.wake.set()
 
-    async def _announce_moved_away(self, desired: DataplaneState) -> None:
+    async def _announce_moved_away(self, moved: frozenset[Route]) -> None:
         """Once the /32 of an address moved away from our subnet is in place, tell the bridge's
-        containers (gratuitous ARP): they may hold its old MAC."""
-        away = moved_away(desired.routes, self.own.subnet)
+        containers (gratuitous ARP): they may hold its old MAC. (Only the routes of moved
+        addresses can lead out of our own subnet: a peer's subnet never overlaps it.)"""
+        away = moved_away(moved, self.own.subnet) if moved else frozenset()
         fresh = away - self._announced
         if fresh:
             sent = await self._in_netlink_thread(self.kernel.announce_moved, sorted(fresh),
@@ -456,6 +519,15 @@ class Daemon:
         if done:
             log.info("VXLAN accepted from %d peer address(es) (%s rewritten)", len(sources),
                      "set" if done == "elements" else "filter table")
+
+    def _update_vxlan_filter(self, tracker: DesiredTracker, added: frozenset[IPv4Address],
+                             removed: frozenset[IPv4Address]) -> None:
+        """A lease event's change to the VXLAN filter: the changed addresses alone when the
+        filter is known to be as we left it (firewall.update_vxlan_filter), else a whole sync."""
+        if not self.settings.vxlan_source_filter:
+            return
+        if not firewall.update_vxlan_filter(self.config.backend.port, added, removed):
+            self._sync_vxlan_filter(tracker.sources())
 
     def _write_subnet_file(self) -> None:
         contents = for_subnet(self.config.network, self.own.subnet,
@@ -528,11 +600,13 @@ class Daemon:
             return
         if event.lease is None:
             if self.peers.pop(event.subnet, None) is not None:
+                self._note_changed(event.subnet)
                 log.info("peer %s left", event.subnet)
                 self.dirty.set()
         elif self.peers.get(event.subnet) != event.lease:
             previous = self.peers.get(event.subnet)
             self.peers[event.subnet] = event.lease
+            self._note_changed(event.subnet)
             if previous is None or previous.attrs != event.lease.attrs:
                 log.info("peer %s %s: public IP %s, VTEP MAC %s", event.subnet,
                          "joined" if previous is None else "changed",
@@ -601,16 +675,23 @@ class Daemon:
                             self.status.lease_seconds_left())
 
 
-def _all_as_expected(changes: list[KernelChange], expected: DataplaneState) -> bool:
+def _all_as_expected(changes: list[KernelChange], expected: DataplaneState | DesiredTracker) -> bool:
     """Whether netlink events say only what `expected` holds: objects of it present, objects not
     in it gone. (A gone neighbour is known by its address alone.)"""
-    neighbour_ips = None
+    if isinstance(expected, DesiredTracker):
+        for change in changes:
+            item = change.item
+            if isinstance(item, Neighbour) and not change.present:
+                if expected.wants_neighbour_at(item.ip):
+                    return False
+            elif expected.wants(item) != change.present:
+                return False
+        return True
     for change in changes:
         item = change.item
         if isinstance(item, Neighbour) and not change.present:
-            if neighbour_ips is None:
-                neighbour_ips = {neighbour.ip for neighbour in expected.neighbours}
-            if item.ip in neighbour_ips:
+            # The state's address keys, worked out once per state (not per event).
+            if _address_key(item.ip) in expected._keys("neighbours")[0]:
                 return False
             continue
         held = (expected.routes if isinstance(item, Route) else

@@ -196,22 +196,14 @@ def desired_state(own: Lease, peers: Iterable[Lease], config: NetworkConfig,
     device = desired_device(own.subnet, config, underlay)
 
     def contribution(peer: Lease) -> tuple:
-        """(route, neighbour, fdb entry) this peer's lease asks for; (None, None, None) if it
-        is not a peer. A direct route needs no neighbour or FDB entry."""
-        if not _is_peer(peer, own, config):
-            return None, None, None
-        if _direct_route_ok(peer, config, underlay):
-            return Route(peer.subnet, peer.attrs.public_ip, underlay.iface, onlink=False), None, None
-        gateway = peer.subnet.network_address
-        return (Route(peer.subnet, gateway, device.name, onlink=True),
-                Neighbour(gateway, peer.attrs.vtep_mac),
-                FdbEntry(peer.attrs.vtep_mac, peer.attrs.public_ip))
+        return _contribution(peer, own, config, underlay, device.name)
 
     context = ("desired_state", own.subnet, own.attrs.public_ip, config, underlay)
     # One FDB entry per MAC: should two leases ever announce the same VtepMAC with different
-    # public IPs, the newest write (highest mod_revision; of equal ones the later in `peers`)
-    # wins rather than the kernel keeping whichever came first.
-    newest_revision: dict[str, int] = {}
+    # public IPs, the newest write wins (highest mod_revision; of equal ones, written in one
+    # etcd transaction, the higher public IP: a rule that does not depend on the order of
+    # `peers`, so that DesiredTracker, which sees leases one at a time, agrees).
+    newest: dict[str, Lease] = {}
     newest_fdb: dict[str, FdbEntry] = {}
     neighbours: list[Neighbour] = []
     routes: list[Route] = []
@@ -223,11 +215,29 @@ def desired_state(own: Lease, peers: Iterable[Lease], config: NetworkConfig,
             continue
         neighbours.append(neighbour)
         mac = fdb.mac
-        held = newest_revision.get(mac)
-        if held is None or peer.mod_revision >= held:
-            newest_revision[mac] = peer.mod_revision
+        held = newest.get(mac)
+        if held is None or _fdb_rank(peer) > _fdb_rank(held):
+            newest[mac] = peer
             newest_fdb[mac] = fdb
     return DataplaneState(device, frozenset(neighbours), frozenset(newest_fdb.values()), frozenset(routes))
+
+
+def _contribution(peer: Lease, own: Lease, config: NetworkConfig, underlay: Underlay, device_name: str) -> tuple:
+    """(route, neighbour, fdb entry) this peer's lease asks for; (None, None, None) if it is not
+    a peer. A direct route needs no neighbour or FDB entry."""
+    if not _is_peer(peer, own, config):
+        return None, None, None
+    if _direct_route_ok(peer, config, underlay):
+        return Route(peer.subnet, peer.attrs.public_ip, underlay.iface, onlink=False), None, None
+    gateway = peer.subnet.network_address
+    return (Route(peer.subnet, gateway, device_name, onlink=True),
+            Neighbour(gateway, peer.attrs.vtep_mac),
+            FdbEntry(peer.attrs.vtep_mac, peer.attrs.public_ip))
+
+
+def _fdb_rank(peer: Lease) -> tuple[int, int]:
+    """Of several leases announcing one VtepMAC, the one with the highest rank has the FDB entry."""
+    return peer.mod_revision, int(peer.attrs.public_ip)
 
 
 def vxlan_sources(own: Lease, peers: Iterable[Lease], config: NetworkConfig) -> frozenset[IPv4Address]:
@@ -382,3 +392,228 @@ def _keyed_diff(desired: DataplaneState, actual: DataplaneState, attribute: str)
         held_by_key = {item._key: item for item in held}
         replaces = tuple(sorted(item for item in wanted if held_by_key.get(item._key) != item))
     return deletes, replaces
+
+
+class DesiredTracker:
+    """desired_state() and vxlan_sources() for a changing map of peer leases, kept up to date
+    one lease at a time, and the plan that takes the kernel from the state of the last commit()
+    to the current one, worked out from the changed leases alone.
+
+    The daemon's fast path: when only etcd changed, the kernel holds what the last successful
+    reconcile left (the state at commit()), so the changes are exactly plan(now, then). A lease
+    event touches one subnet: its route (keyed by the subnet), the neighbours at its network
+    address, the FDB entries of its old and new VtepMAC and its public IP in the VXLAN sources.
+    plan() matches routes and neighbours per key and FDB entries by value, so outside those keys
+    `now` and `then` agree and contribute nothing: plan() over just the touched keys, on both
+    sides, is the whole plan, and costs what changed, not what exists. The one case where that
+    does not hold is two different neighbours under one address (only leases whose subnets
+    overlap each other can ask for that): then pending_plan() says None and the caller diffs the
+    whole states. tests/unit/test_dataplane_tracker.py checks all of it against the plain
+    functions on random sequences of lease events.
+
+    state() and sources() build the whole values (O(peers)) for the full reconcile, once per
+    change at most.
+    """
+
+    def __init__(self, own: Lease, config: NetworkConfig, underlay: Underlay, peers: Iterable[Lease] = ()):
+        self.own, self.config, self.underlay = own, config, underlay
+        self.device = desired_device(own.subnet, config, underlay)
+        self._leases: dict[IPv4Network, Lease] = {}
+        self._made: dict[IPv4Network, tuple] = {}        # subnet -> (route, neighbour, fdb, source)
+        self._routes: dict[IPv4Network, Route] = {}
+        self._neighbour_count: dict[Neighbour, int] = {}   # peers asking for each neighbour
+        self._neighbours_at: dict[Any, set[Neighbour]] = {}  # address key -> neighbours there
+        self._crowded_addresses = 0                         # addresses with more than one neighbour
+        self._fdb_candidates: dict[str, dict[IPv4Network, Lease]] = {}  # MAC -> leases announcing it
+        self._fdb: dict[str, FdbEntry] = {}                 # MAC -> the entry of the highest rank
+        self._source_count: dict[IPv4Address, int] = {}
+        # What the keys touched since the last commit() held then (first touch wins).
+        self._routes_then: dict[IPv4Network, Route | None] = {}
+        self._neighbours_then: dict[Any, frozenset[Neighbour]] = {}
+        self._fdb_then: dict[str, FdbEntry | None] = {}
+        self._sources_then: dict[IPv4Address, bool] = {}
+        self._crowded_then = 0
+        self._state: DataplaneState | None = None
+        self._sources: frozenset[IPv4Address] | None = None
+        for peer in peers:
+            self.update(peer.subnet, peer)
+        self.commit()
+
+    def matches(self, own: Lease, config: NetworkConfig, underlay: Underlay) -> bool:
+        """Whether this tracker was made for these inputs (else make a new one)."""
+        return own == self.own and config == self.config and underlay == self.underlay
+
+    def __len__(self) -> int:
+        return len(self._routes)     # peers routed to
+
+    # ------------------------------------------------------------------ changes
+
+    def update(self, subnet: IPv4Network, lease: Lease | None) -> None:
+        """The lease of `subnet` is now `lease` (None: gone)."""
+        old = self._leases.get(subnet)
+        if old is lease or (old is not None and lease is not None and old == lease):
+            if lease is not None:
+                self._leases[subnet] = lease
+            return
+        if lease is not None and lease.subnet != subnet:
+            raise ValueError(f"lease of {lease.subnet} given for {subnet}")
+        was = self._made.pop(subnet, None)
+        if was is not None:
+            self._withdraw(subnet, old, *was)
+        if lease is None:
+            self._leases.pop(subnet, None)
+        else:
+            self._leases[subnet] = lease
+            route, neighbour, fdb = _contribution(lease, self.own, self.config, self.underlay, self.device.name)
+            source = lease.attrs.public_ip if _is_peer(lease, self.own, self.config) else None
+            made = (route, neighbour, fdb, source)
+            if made != (None, None, None, None):
+                self._made[subnet] = made
+                self._add(subnet, lease, *made)
+        self._state = None
+
+    def _add(self, subnet, lease, route, neighbour, fdb, source) -> None:
+        if route is not None:
+            self._routes_then.setdefault(subnet, self._routes.get(subnet))
+            self._routes[subnet] = route
+        if neighbour is not None:
+            key = neighbour._key
+            at = self._neighbours_at.get(key)
+            self._neighbours_then.setdefault(key, frozenset(at or ()))
+            count = self._neighbour_count.get(neighbour, 0)
+            self._neighbour_count[neighbour] = count + 1
+            if not count:
+                if at is None:
+                    self._neighbours_at[key] = {neighbour}
+                else:
+                    at.add(neighbour)
+                    if len(at) == 2:
+                        self._crowded_addresses += 1
+        if fdb is not None:
+            self._fdb_touch(fdb.mac)
+            self._fdb_candidates.setdefault(fdb.mac, {})[subnet] = lease
+            self._fdb_choose(fdb.mac)
+        if source is not None:
+            self._sources_then.setdefault(source, source in self._source_count)
+            self._source_count[source] = self._source_count.get(source, 0) + 1
+            self._sources = None
+
+    def _withdraw(self, subnet, lease, route, neighbour, fdb, source) -> None:
+        if route is not None:
+            self._routes_then.setdefault(subnet, self._routes.get(subnet))
+            del self._routes[subnet]
+        if neighbour is not None:
+            key = neighbour._key
+            at = self._neighbours_at[key]
+            self._neighbours_then.setdefault(key, frozenset(at))
+            count = self._neighbour_count[neighbour] - 1
+            if count:
+                self._neighbour_count[neighbour] = count
+            else:
+                del self._neighbour_count[neighbour]
+                at.discard(neighbour)
+                if len(at) == 1:
+                    self._crowded_addresses -= 1
+                elif not at:
+                    del self._neighbours_at[key]
+        if fdb is not None:
+            self._fdb_touch(fdb.mac)
+            candidates = self._fdb_candidates[fdb.mac]
+            del candidates[subnet]
+            if not candidates:
+                del self._fdb_candidates[fdb.mac]
+            self._fdb_choose(fdb.mac)
+        if source is not None:
+            self._sources_then.setdefault(source, True)
+            count = self._source_count[source] - 1
+            if count:
+                self._source_count[source] = count
+            else:
+                del self._source_count[source]
+            self._sources = None
+
+    def _fdb_touch(self, mac: str) -> None:
+        if mac not in self._fdb_then:
+            self._fdb_then[mac] = self._fdb.get(mac)
+
+    def _fdb_choose(self, mac: str) -> None:
+        candidates = self._fdb_candidates.get(mac)
+        if not candidates:
+            self._fdb.pop(mac, None)
+            return
+        winner = max(candidates.values(), key=_fdb_rank) if len(candidates) > 1 else next(iter(candidates.values()))
+        entry = self._made[winner.subnet][2]
+        if self._fdb.get(mac) != entry:
+            self._fdb[mac] = entry
+
+    def commit(self) -> None:
+        """The kernel now holds the current state: later plans start from here."""
+        self._routes_then.clear()
+        self._neighbours_then.clear()
+        self._fdb_then.clear()
+        self._sources_then.clear()
+        self._crowded_then = self._crowded_addresses
+
+    # ------------------------------------------------------------------ questions
+
+    def state(self) -> DataplaneState:
+        """desired_state() of the current leases (the same value)."""
+        if self._state is None:
+            self._state = DataplaneState(self.device, frozenset(self._neighbour_count), frozenset(self._fdb.values()),
+                                         frozenset(self._routes.values()))
+        return self._state
+
+    def sources(self) -> frozenset[IPv4Address]:
+        """vxlan_sources() of the current leases (the same value)."""
+        if self._sources is None:
+            self._sources = frozenset(self._source_count)
+        return self._sources
+
+    def committed_state(self) -> DataplaneState:
+        """The state as of the last commit()."""
+        now = self.state()
+        if not (self._routes_then or self._neighbours_then or self._fdb_then):
+            return now
+        touched_now, touched_then = self._touched()
+        return DataplaneState(
+            self.device,
+            (now.neighbours - touched_now.neighbours) | touched_then.neighbours,
+            (now.fdb - touched_now.fdb) | touched_then.fdb,
+            (now.routes - touched_now.routes) | touched_then.routes)
+
+    def pending_plan(self) -> Plan | None:
+        """plan(self.state(), self.committed_state()), from the touched keys alone; None when two
+        neighbours share an address, now or at the last commit (then diff the whole states)."""
+        if self._crowded_addresses or self._crowded_then:
+            return None
+        now, then = self._touched()
+        return plan(now, then)
+
+    def pending_sources(self) -> tuple[frozenset[IPv4Address], frozenset[IPv4Address]]:
+        """(added, removed): how sources() differs from what it was at the last commit()."""
+        added = frozenset(ip for ip, was in self._sources_then.items() if not was and ip in self._source_count)
+        removed = frozenset(ip for ip, was in self._sources_then.items() if was and ip not in self._source_count)
+        return added, removed
+
+    def wants(self, item: Route | Neighbour | FdbEntry) -> bool:
+        """Whether the current state holds this route, neighbour or FDB entry."""
+        if isinstance(item, Route):
+            return self._routes.get(item.dst) == item
+        if isinstance(item, Neighbour):
+            return item in self._neighbour_count
+        return self._fdb.get(item.mac) == item
+
+    def wants_neighbour_at(self, ip: IPv4Address) -> bool:
+        """Whether the current state holds a neighbour (any MAC) at this address."""
+        return _address_key(ip) in self._neighbours_at
+
+    def _touched(self) -> tuple[DataplaneState, DataplaneState]:
+        """(now, then): the current and committed states restricted to the touched keys."""
+        routes_now = frozenset(self._routes[s] for s in self._routes_then if s in self._routes)
+        routes_then = frozenset(r for r in self._routes_then.values() if r is not None)
+        neighbours_now = frozenset(n for key in self._neighbours_then for n in self._neighbours_at.get(key, ()))
+        neighbours_then = frozenset(n for at in self._neighbours_then.values() for n in at)
+        fdb_now = frozenset(self._fdb[mac] for mac in self._fdb_then if mac in self._fdb)
+        fdb_then = frozenset(f for f in self._fdb_then.values() if f is not None)
+        return (DataplaneState(self.device, neighbours_now, fdb_now, routes_now),
+                DataplaneState(self.device, neighbours_then, fdb_then, routes_then))

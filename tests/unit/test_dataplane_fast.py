@@ -34,7 +34,8 @@ def plain_desired_state(own, peers, config, underlay):
     device = desired_device(own.subnet, config, underlay)
     usable = [peer for peer in peers if plain_is_peer(peer, own, config)]
     newest_by_mac, neighbours, routes = {}, set(), set()
-    for peer in sorted(usable, key=lambda lease: lease.mod_revision):
+    # The newest write has the FDB entry of its MAC; of writes in one transaction, the higher public IP.
+    for peer in sorted(usable, key=lambda lease: (lease.mod_revision, int(lease.attrs.public_ip))):
         gateway = peer.subnet.network_address
         if (config.backend.direct_routing and underlay.network is not None
                 and peer.attrs.public_ip in underlay.network):
