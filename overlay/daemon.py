@@ -10,8 +10,11 @@ a single level-triggered reconcile loop:
     jittered timer ────┘
 
 Nothing is programmed from inside an event handler: handlers only update the in-memory lease map
-and set the `dirty` event. The loop recomputes the whole desired state each time, so a missed or
-duplicated event cannot leave the kernel wrong for longer than one resync interval.
+(noting which subnets changed) and set the `dirty` event. The desired state is kept up to date
+lease by lease (DesiredTracker: equal to desired_state() of every lease, but a lease event costs
+what it changes); every resync tick reads the whole kernel back and diffs it against the whole
+desired state, so a missed or duplicated event cannot leave the kernel wrong for longer than one
+resync interval.
 
 Moved workloads (overlay.moves): a ClaimFollower keeps every address claim in view with a watch
 of its own; the reconcile adds a /32 route per claim of another host to the subnet data plane,
