@@ -122,27 +122,40 @@ class ClaimHook:
         started = time.monotonic()
         deadline = started + GRANT_TIMEOUT_S
         reread_at = started + GRANT_REREAD_S
-        version = self._follower.version
-        while True:
-            seen, current = self._follower.claims.get(address), self._follower.revision >= claim.mod_revision
-            now = time.monotonic()
-            if self._decided(claim, seen, current) is None and now >= min(deadline, reread_at):
-                seen, current = self._call(self._store.get_claim(address), f"read the claim on {address}"), True
-                reread_at = now + GRANT_REREAD_S
+        version = self._follower.version   # before looking: a change after the look wakes us
+        seen = claim
+        outcome = self._decided(claim, seen, True)   # decided already: written granted, or a repeated ADD
+        if outcome is None:
+            seen, current = self._in_view(claim)
             outcome = self._decided(claim, seen, current)
-            if outcome is Grant.GRANTED:
-                log.info("%s granted the claim on %s in %.1f ms", where, address, (time.monotonic() - started) * 1e3)
-                return
-            if outcome is Grant.REFUSED:
-                raise AddressUnavailable(f"{address} is in use on {where}: {seen.attrs.reason or 'it refused the claim'}; "
-                                         "it can move here once it is deleted there (CNI DEL)")
-            if outcome == "gone":
-                raise ServiceUnavailable(f"the claim on {address} vanished while {where} was deciding on it "
-                                         "(withdrawn, or our etcd lease was lost); try again later")
-            if now >= deadline:
-                raise ServiceUnavailable(f"{where} did not answer the claim on {address} within "
-                                         f"{GRANT_TIMEOUT_S:.0f} s; is overlayd running there?")
+        while outcome is None:
+            now = time.monotonic()
+            if now >= min(deadline, reread_at):
+                seen = self._call(self._store.get_claim(address), f"read the claim on {address}")
+                reread_at = now + GRANT_REREAD_S
+                outcome = self._decided(claim, seen, True)
+                if outcome is not None:
+                    break
+                if now >= deadline:
+                    raise ServiceUnavailable(f"{where} did not answer the claim on {address} within "
+                                             f"{GRANT_TIMEOUT_S:.0f} s; is overlayd running there?")
             version = self._follower.wait_change(version, max(0.0, min(deadline, reread_at) - time.monotonic()))
+            seen, current = self._in_view(claim)
+            outcome = self._decided(claim, seen, current)
+        if outcome is Grant.REFUSED:
+            raise AddressUnavailable(f"{address} is in use on {where}: {seen.attrs.reason or 'it refused the claim'}; "
+                                     "it can move here once it is deleted there (CNI DEL)")
+        if outcome == "gone":
+            raise ServiceUnavailable(f"the claim on {address} vanished while {where} was deciding on it "
+                                     "(withdrawn, or our etcd lease was lost); try again later")
+        if seen is not claim:
+            log.info("%s granted the claim on %s in %.1f ms", where, address, (time.monotonic() - started) * 1e3)
+
+    def _in_view(self, ours: Claim) -> tuple[Claim | None, bool]:
+        """The follower's claim on the address, and whether the view is at least as new as ours.
+        The revision first: the follower sets it after the claims (see ClaimFollower.apply)."""
+        current = self._follower.revision >= ours.mod_revision
+        return self._follower.claims.get(ours.address), current
 
     @staticmethod
     def _decided(ours: Claim, seen: Claim | None, current: bool):
@@ -264,23 +277,24 @@ class ClaimFollower:
     def apply(self, event: ClaimEvent) -> None:
         if event.revision <= self.listed_revision:
             return  # already reflected by a listing taken after it
-        self.revision = max(self.revision, event.revision)
-        # Copy on write: the CNI service's threads read `claims` while this runs on the loop.
+        # Copy on write: the CNI service's threads read `claims` while this runs on the loop, and
+        # `revision` only after `claims`: a reader that sees the new revision and then reads
+        # `claims` sees this event applied (ClaimHook._in_view).
+        changed = False
         if event.claim is None:
             if event.address in self.claims:
                 self.claims = {a: c for a, c in self.claims.items() if a != event.address}
                 log.info("address %s: claim withdrawn", event.address)
-                self._moved_on()
-                self.changed()
-                return
+                changed = True
         elif self.claims.get(event.address) != event.claim:
             self.claims = {**self.claims, event.address: event.claim}
             log.info("address %s: claimed by %s (subnet %s), %s", event.address, event.claim.attrs.public_ip,
                      event.claim.attrs.subnet, event.claim.attrs.grant.value.lower())
-            self._moved_on()
+            changed = True
+        self.revision = max(self.revision, event.revision)
+        self._moved_on()   # also when only the revision moved: a waiter may now tell "gone" from "not seen yet"
+        if changed:
             self.changed()
-            return
-        self._moved_on()   # the revision moved: a waiter may now tell "gone" from "not seen yet"
 
     async def _relist_quietly(self) -> None:
         try:
@@ -309,6 +323,7 @@ class ClaimGranter:
         self.own = own
         self.wake = asyncio.Event()
         self._reservations: frozenset[IPv4Address] | None = None   # as of our last round; None: unknown
+        self._decided_on: frozenset | None = None   # the claims on our subnet our last complete round saw
         self._reported: set[tuple[IPv4Address, int]] = set()
 
     async def run(self) -> None:
@@ -316,7 +331,7 @@ class ClaimGranter:
             try:
                 await asyncio.wait_for(self.wake.wait(), self.interval * random.uniform(0.8, 1.0))
             except asyncio.TimeoutError:
-                self._reservations = None   # the safety net reads the records again
+                self._reservations = self._decided_on = None   # the safety net reads the records again
             self.wake.clear()
             try:
                 complete = await self.sync_once()
@@ -333,8 +348,10 @@ class ClaimGranter:
             return True
         claims = list(self.follower.claims.values())
         ours = [c for c in claims if c.address in own.subnet and not is_own_claim(c, own)]
-        if not ours and self._reservations == frozenset():
-            return True
+        seen = frozenset((c.address, c.mod_revision) for c in ours)
+        if (not ours and self._reservations == frozenset()) or seen == self._decided_on:
+            return True   # nothing of ours changed since a complete round: the records need no visit
+        self._decided_on = None
         round_ = await asyncio.get_running_loop().run_in_executor(
             None, self.records.update, lambda state: self._round(state, own, claims))
         self._reservations = round_.state.reserved
@@ -350,6 +367,8 @@ class ClaimGranter:
             if isinstance(outcome, BaseException):
                 log.warning("could not write the decision on %s: %s", decision.claim.address, outcome)
                 complete = False
+        if complete:
+            self._decided_on = seen
         return complete
 
     @staticmethod

@@ -408,3 +408,26 @@ def test_a_move_home_while_the_claim_still_holds_is_refused_and_changes_nothing(
     with pytest.raises(AddressUnavailable, match="claimed by host"):
         Attacher(tmp_path, claims=FreshReads(claimed=True))._take_back(address, _take_exactly(address))
     assert records_.read() == before
+
+
+def test_the_granter_visits_the_records_only_when_claims_on_its_subnet_changed(loop, tmp_path):
+    follower = ClaimFollower(None, lambda: None)
+    store = FakeStore(follower)
+    granter = ClaimGranter(store, follower, tmp_path, lambda: OWN)
+    visits = []
+    update = granter.records.update
+    granter.records.update = lambda change: visits.append(1) or update(change)
+    assert on(loop, granter.sync_once()) and len(visits) == 1     # first round: reservations unknown
+    assert on(loop, granter.sync_once()) and len(visits) == 1     # none, and no claim on our subnet
+    on(loop, store.claim_address(IPv4Address("10.244.3.7"), claim("10.244.3.7", PEER_A).attrs, PEER_A.lease_id))
+    assert on(loop, granter.sync_once()) and len(visits) == 1     # another host's address: not ours to decide
+    pending = claim("10.244.1.9", PEER_A, Grant.PENDING)
+    on(loop, store.claim_address(pending.address, pending.attrs, PEER_A.lease_id))
+    assert on(loop, granter.sync_once()) and len(visits) == 2     # pending on our subnet: decided
+    assert store.claims[pending.address].granted
+    assert on(loop, granter.sync_once()) and len(visits) == 3     # our own grant came back: one more look
+    assert on(loop, granter.sync_once()) and len(visits) == 3     # and then nothing changed
+    on(loop, store.release_claim(pending.address, pending.attrs.decided(Grant.GRANTED)))
+    assert on(loop, granter.sync_once()) and len(visits) == 4     # withdrawn: the reservation goes
+    assert AllocationStore(store_dir(tmp_path)).read().reserved == frozenset()
+    assert on(loop, granter.sync_once()) and len(visits) == 4
