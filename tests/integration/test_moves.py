@@ -352,3 +352,55 @@ def test_an_origin_that_is_down_fails_the_claim_with_11_and_decides_when_it_is_b
                f"h1 to drop its reservation of {wanted}")
     lab.wait_converged(timeout=60)
     assert lab.add_container("h1", name="there", ip=wanted).address == wanted
+
+
+def test_a_move_racing_the_origins_allocator_never_gives_one_address_to_two_containers(lab):
+    from cni.allocator import AllocationStore, AttachmentKey, allocate, store_dir
+    from cni.errors import PoolExhausted
+
+    lab.up(hosts=3, containers=1)
+    lab.wait_converged(timeout=60)
+    address = lab.container("h1c1").address
+    subnet = lab.subnet("h1")
+    store = AllocationStore(store_dir(lab.host("h1").run_dir))
+    handed_out: list = []
+    moved, full = threading.Event(), threading.Event()
+
+    def allocate_until_moved() -> None:
+        # Takes every free address of h1 and keeps trying while the move runs: the address the
+        # DEL frees on h1 is taken the moment the allocator gets it, unless it is reserved first.
+        n = 0
+        while not moved.is_set():
+            key = AttachmentKey("busy", f"busy{n}", "eth0")
+
+            def take(state):
+                state, allocation, _ = allocate(state, key, subnet, subnet.network_address + 1, "ovlvbusy", "/x")
+                return state, allocation
+            try:
+                handed_out.append(store.update(take).address)
+                n += 1
+            except PoolExhausted:
+                full.set()
+                moved.wait(0.001)   # poll interval while the pool is full
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        busy = pool.submit(allocate_until_moved)
+        try:
+            assert full.wait(60), "the busy allocator did not fill h1's pool"
+            lab.move_container("h1c1", "h2")
+            outcome = None
+        except LabError as exc:
+            outcome = str(exc)
+        finally:
+            moved.set()
+        busy.result()
+    print(f"move racing the origin's allocator: {outcome or 'granted'}; "
+          f"{len(handed_out)} addresses handed out on h1")
+    if outcome is None:
+        # Granted: reserved before the grant, so the busy allocator never got it.
+        assert address not in handed_out and claims(lab)[str(address)]["Grant"] == "Granted"
+        reaches_all(lab, "h1c1")
+    else:
+        # The busy allocator got it first: the origin refused, and nothing of the move is left.
+        assert f"in use on origin host {lab.host('h1').public_ip}" in outcome, outcome
+        assert address in handed_out and str(address) not in claims(lab)
+        assert str(address) not in {a["address"] for a in records(lab, "h2")["allocations"]}
