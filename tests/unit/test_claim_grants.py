@@ -431,3 +431,24 @@ def test_the_granter_visits_the_records_only_when_claims_on_its_subnet_changed(l
     assert on(loop, granter.sync_once()) and len(visits) == 4     # withdrawn: the reservation goes
     assert AllocationStore(store_dir(tmp_path)).read().reserved == frozenset()
     assert on(loop, granter.sync_once()) and len(visits) == 4
+
+
+def test_the_keeper_claims_again_pending_and_withdraws_decided_claims_nobody_wants(loop, tmp_path):
+    from cni.allocator import record_claimed
+    from overlay.claimhook import ClaimKeeper
+    follower = ClaimFollower(None, lambda: None)
+    store = FakeStore(follower)
+    # A container here (PEER_A) has OWN's 10.244.1.9, but its claim is gone (our lease was lost).
+    AllocationStore(store_dir(tmp_path)).update(lambda state: (record_claimed(
+        state, AttachmentKey("net", "mover", "eth0"), IPv4Address("10.244.1.9"), "ovlvm", "/x")[0], None))
+    keeper = ClaimKeeper(store, follower, tmp_path, lambda: PEER_A, lambda: {OWN.subnet: OWN})
+    on(loop, keeper.sync_once())
+    again = store.claims[IPv4Address("10.244.1.9")]
+    assert again.attrs.grant is Grant.PENDING and again.attrs.container_id == "mover"   # its origin decides
+    # A refused claim no record wants (an ADD whose withdrawal did not reach etcd) is withdrawn,
+    # though its value is the origin's now.
+    stale = claim("10.244.1.20", PEER_A, Grant.PENDING, container="gone")
+    on(loop, store.claim_address(stale.address, stale.attrs, PEER_A.lease_id))
+    on(loop, store.settle_claim(store.claims[stale.address], stale.attrs.decided(Grant.REFUSED, "in use")))
+    on(loop, keeper.sync_once())
+    assert set(store.claims) == {IPv4Address("10.244.1.9")}
