@@ -441,7 +441,8 @@ class DesiredTracker:
 
     def matches(self, own: Lease, config: NetworkConfig, underlay: Underlay) -> bool:
         """Whether this tracker was made for these inputs (else make a new one)."""
-        return own == self.own and config == self.config and underlay == self.underlay
+        return ((own is self.own or own == self.own) and (config is self.config or config == self.config)
+                and (underlay is self.underlay or underlay == self.underlay))
 
     def __len__(self) -> int:
         return len(self._routes)     # peers routed to

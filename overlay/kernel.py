@@ -411,10 +411,10 @@ class Kernel:
             self._call(f"device {device.name}: set up", self._ipr.link, "set", index=index, state="up")
 
     def _route_request(self, route: Route, indexes: dict[str, int], delete: bool = False) -> _Request:
-        what = f"route {route.dst} via {route.gateway} dev {route.device}"
+        what = ("route {} via {} dev {}", route.dst, route.gateway, route.device)
         oif = indexes.get(route.device)
         if oif is None and not delete:
-            raise DeviceNotFound(f"{what}: device {route.device} does not exist")
+            raise DeviceNotFound(f"{_Request.describe(what)}: device {route.device} does not exist")
         # A delete matches any scope with NOWHERE, as `ip route del` does; it names our protocol
         # so that it can only ever remove a route of ours.
         body = _RTMSG.pack(socket.AF_INET, route.dst.prefixlen, 0, 0, RT_TABLE_MAIN, ROUTE_PROTOCOL,
@@ -578,11 +578,22 @@ class Kernel:
 
 @dataclass
 class _Request:
-    """One netlink request: what it is about (for messages), its body, type and flags."""
-    what: str
+    """One netlink request: what it is about (for messages), its body, type and flags.
+
+    `about` is a format string and its arguments, made into text only for an error message:
+    formatting addresses for every request cost more than packing it."""
+    about: tuple
     body: bytes
     type: int
     flags: int
+
+    @property
+    def what(self) -> str:
+        return self.describe(self.about)
+
+    @staticmethod
+    def describe(about: tuple) -> str:
+        return about[0].format(*about[1:])
 
     def encode(self, sequence: int) -> bytes:
         return _NLMSGHDR.pack(_NLMSGHDR.size + len(self.body), self.type, self.flags, sequence, 0) + self.body
@@ -729,9 +740,9 @@ class _ParseCache:
 def _neighbour_request(neighbour: Neighbour, device: str, index: int, delete: bool = False) -> _Request:
     body = _NDMSG.pack(socket.AF_INET, index, NUD_PERMANENT, 0, 0) + _rtattr(NDA_DST, neighbour.ip.packed)
     if delete:
-        return _Request(f"neighbour {neighbour.ip} dev {device}", body, RTM_DELNEIGH, NLM_F_REQUEST | NLM_F_ACK)
+        return _Request(("neighbour {} dev {}", neighbour.ip, device), body, RTM_DELNEIGH, NLM_F_REQUEST | NLM_F_ACK)
     body += _rtattr(NDA_LLADDR, _mac_bytes(neighbour.mac))
-    return _Request(f"neighbour {neighbour.ip} lladdr {neighbour.mac} dev {device}", body, RTM_NEWNEIGH,
+    return _Request(("neighbour {} lladdr {} dev {}", neighbour.ip, neighbour.mac, device), body, RTM_NEWNEIGH,
                     NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)
 
 
@@ -740,7 +751,7 @@ def _fdb_request(entry: FdbEntry, device: str, index: int, delete: bool = False)
     # NTF_SELF (the device's own table, not a bridge master's) and a permanent, no-ARP state.
     body = (_NDMSG.pack(AF_BRIDGE, index, NUD_PERMANENT | NUD_NOARP, NTF_SELF, 0)
             + _rtattr(NDA_LLADDR, _mac_bytes(entry.mac)) + _rtattr(NDA_DST, entry.dst.packed))
-    what = f"fdb {entry.mac} dst {entry.dst} dev {device}"
+    what = ("fdb {} dst {} dev {}", entry.mac, entry.dst, device)
     if delete:
         # With a dst, only that remote goes: a MAC listed with several remotes keeps the others.
         return _Request(what, body, RTM_DELNEIGH, NLM_F_REQUEST | NLM_F_ACK)
