@@ -90,7 +90,8 @@ class ClaimHook:
         claim = self._call(self._store.get_claim(address), f"read the claim on {address}")
         own = self._own()
         # A refused claim never takes effect (its claimant withdraws it): it does not hold the address.
-        if claim is not None and claim.attrs.grant is not Grant.REFUSED and (own is None or not is_own_claim(claim, own)):
+        if (claim is not None and claim.attrs.grant is not Grant.REFUSED
+                and (own is None or not is_own_claim(claim, own))):
             raise AddressUnavailable(f"{claim.describe()}: it is free again once that container is deleted "
                                      "there (CNI DEL) or that host's lease expires")
 

@@ -252,7 +252,7 @@ def test_claim_of_an_address_in_use_on_its_origin_is_refused_and_leaves_nothing_
 
 
 def test_the_origin_never_hands_out_a_granted_address(lab):
-    from cni.allocator import AllocationStore, AttachmentKey, allocate, release, store_dir
+    from cni.allocator import AllocationStore, AttachmentKey, allocate, store_dir
     from cni.errors import PoolExhausted
 
     lab.up(hosts=3, containers=1)

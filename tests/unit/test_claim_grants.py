@@ -307,7 +307,7 @@ def test_an_origin_that_does_not_answer_fails_the_add_with_11(loop, monkeypatch)
     hook = ClaimHook(loop, store, lambda: PEER_A, follower, leases=lambda: {OWN.subnet: OWN})
     made = hook.claim(IPv4Address("10.244.1.9"), "mover")
     started = time.monotonic()
-    with pytest.raises(ServiceUnavailable, match="origin host 198.18.0.11 .* did not answer .* is overlayd running there"):
+    with pytest.raises(ServiceUnavailable, match="origin host 198.18.0.11 .* did not answer .* is overlayd running"):
         hook.await_grant(made)
     assert time.monotonic() - started < 5   # the deadline, not the store's request budget
 
