@@ -23,8 +23,9 @@ Design notes
                      of one CPU. The window is an option (60 s in full runs, short in smoke).
     where time goes  /metrics before and after a live programming run: reconcile runs and the
                      seconds spent in them; the rest is receiving and decoding watch events. And
-                     the parts of one reconcile (desired_state, Kernel.read_state, plan), the
-                     daemon's own functions timed in-process on the same kernel state.
+                     the parts of a lease event's reconcile (DesiredTracker) and of a resync's
+                     (Kernel.read_state, plan, the nftables generation, the listings it spares),
+                     the daemon's own functions timed in-process on the same kernel state.
 - Floor: `ip -batch` (neighbours, routes) and `bridge -batch` (FDB) programming the same peers
   on an identical VXLAN device in a second lab host, same run: what the kernel needs when the
   encoding costs nothing.
@@ -225,15 +226,20 @@ def ip_batch_floor(lab: Lab, host: LabHost, size: int, repeats: int, mtu: int) -
 
 
 def reconcile_breakdown(lab: Lab, host: LabHost, size: int, repeats: int = 5) -> dict:
-    """Where one reconcile's time goes at this size: the daemon's own pure functions and its
-    netlink reader, timed here in-process against the host's programmed kernel (read-only).
+    """Where a reconcile's time goes at this size: the daemon's own functions, timed here
+    in-process against the host's programmed kernel and firewall (read-only).
 
-    A reconcile is desired_state() + Kernel.read_state() + plan() (+ apply of what changed, a
-    few objects for one change) + the host checks (iptables rules, the nft VXLAN source set). Timed here on the same kernel state, these show which part
-    grows with the number of peers."""
+    A lease event: DesiredTracker.update + pending_plan (+ apply and the VXLAN set change of a few
+    objects). A resync tick: Kernel.read_state (warm: the messages seen before are not parsed
+    again; the first read of a new Kernel is cold) + plan against the whole desired state + the
+    host checks, which read the nftables ruleset generation and list the VXLAN set or run
+    iptables-save only when it moved. desired_state() (the whole computation) is timed for
+    reference. The firewall parts run in a thread that entered the host's namespace, as the
+    daemon (netns None) does."""
+    from overlay import firewall
     from overlay.config import parse_config
-    from overlay.dataplane import Underlay, desired_state, plan, vtep_mac
-    from overlay.kernel import Kernel
+    from overlay.dataplane import DesiredTracker, Underlay, desired_state, plan, vtep_mac
+    from overlay.kernel import Kernel, _in_netns
     from overlay.lease import Lease, LeaseAttrs
 
     config = parse_config(lab.state["network_config"])
@@ -242,32 +248,51 @@ def reconcile_breakdown(lab: Lab, host: LabHost, size: int, repeats: int = 5) ->
     own = Lease(own_subnet, LeaseAttrs(host.public_ip, vni, vtep_mac(host.public_ip, vni)), 1, 1)
     peers = [Lease(p.subnet, LeaseAttrs(p.public_ip, vni, p.mac), 0, 2 + i) for i, p in enumerate(fake_peers(0, size))]
     underlay = Underlay("eth0", host.public_ip, 1500)
-    from overlay import firewall
-    timings: dict[str, list[float]] = {"desired_state_ms": [], "read_state_ms": [], "plan_ms": [],
-                                       "vxlan_filter_read_ms": [], "firewall_check_ms": []}
+    timings: dict[str, list[float]] = {"desired_state_ms": [], "tracker_event_ms": [], "read_state_ms": [],
+                                       "plan_ms": [], "generation_read_ms": [], "vxlan_filter_read_ms": [],
+                                       "firewall_check_ms": []}
+    tracker = DesiredTracker(own, config, underlay, peers)
+    newcomer = fake_peer(size + 999)
+    joined = Lease(newcomer.subnet, LeaseAttrs(newcomer.public_ip, vni, newcomer.mac), 0, size + 10)
     left = 0
     with Kernel(host.netns) as kernel:
+        cold_started = time.perf_counter()
+        kernel.read_state(tracker.device.name, tracker.state())
+        cold = (time.perf_counter() - cold_started) * 1000
         for _ in range(repeats):
             t0 = time.perf_counter()
             desired = desired_state(own, peers, config, underlay)
             t1 = time.perf_counter()
-            actual = kernel.read_state(desired.device.name)
+            for lease in (joined, None):   # one lease joins, then leaves
+                tracker.update(joined.subnet, lease)
+                tracker.pending_plan()
+                tracker.pending_sources()
+                tracker.commit()
             t2 = time.perf_counter()
-            changes = plan(desired, actual)
+            actual = kernel.read_state(desired.device.name, tracker.state())
             t3 = time.perf_counter()
-            timings["desired_state_ms"].append((t1 - t0) * 1000)
-            timings["read_state_ms"].append((t2 - t1) * 1000)
-            timings["plan_ms"].append((t3 - t2) * 1000)
-            # The host-level checks every reconcile also makes: the nft VXLAN source set (one
-            # element per peer) read back, and the iptables rules checked.
-            firewall.vxlan_filter_sources(netns=host.netns)
+            changes = plan(tracker.state(), actual)
             t4 = time.perf_counter()
-            firewall.rules_present(netns=host.netns)
-            t5 = time.perf_counter()
-            timings["vxlan_filter_read_ms"].append((t4 - t3) * 1000)
-            timings["firewall_check_ms"].append((t5 - t4) * 1000)
+            timings["desired_state_ms"].append((t1 - t0) * 1000)
+            timings["tracker_event_ms"].append((t2 - t1) * 1000 / 2)
+            timings["read_state_ms"].append((t3 - t2) * 1000)
+            timings["plan_ms"].append((t4 - t3) * 1000)
             left = len(changes.describe())
-    out = {key: summary(values, digits=2) for key, values in timings.items()}
+
+            def host_checks() -> tuple[float, float, float]:
+                c0 = time.perf_counter()
+                firewall.ruleset_generation()
+                c1 = time.perf_counter()
+                firewall.vxlan_filter_sources()
+                c2 = time.perf_counter()
+                firewall._rules_present(None)   # what rules_present() runs when the generation moved
+                return (c1 - c0) * 1000, (c2 - c1) * 1000, (time.perf_counter() - c2) * 1000
+            generation, listing, iptables = _in_netns(host.netns, host_checks)
+            timings["generation_read_ms"].append(generation)
+            timings["vxlan_filter_read_ms"].append(listing)
+            timings["firewall_check_ms"].append(iptables)
+    out = {key: summary(values, digits=3) for key, values in timings.items()}
+    out["read_state_cold_ms"] = round(cold, 2)
     out["plan_changes_left"] = left    # 0: the kernel matched what the daemon wants
     return out
 
@@ -325,13 +350,15 @@ def run(results_dir, options: ScaleOptions | None = None, progress: Progress | N
                          f"{entry['one_change_add_reconcile_ms'].get('median', 0):.1f} ms")
 
                 entry["reconcile_breakdown"] = reconcile_breakdown(lab, host, size)
-                progress(f"{size} peers: one reconcile = desired_state "
-                         f"{entry['reconcile_breakdown']['desired_state_ms'].get('median', 0):.1f} ms + read_state "
-                         f"{entry['reconcile_breakdown']['read_state_ms'].get('median', 0):.1f} ms + plan "
-                         f"{entry['reconcile_breakdown']['plan_ms'].get('median', 0):.1f} ms + nft set read "
-                         f"{entry['reconcile_breakdown']['vxlan_filter_read_ms'].get('median', 0):.1f} ms + iptables "
-                         f"check {entry['reconcile_breakdown']['firewall_check_ms'].get('median', 0):.1f} ms "
-                         f"(timed in-process)")
+                parts = entry["reconcile_breakdown"]
+                progress(f"{size} peers: a lease event's desired state and plan "
+                         f"{parts['tracker_event_ms'].get('median', 0):.2f} ms (the whole desired_state "
+                         f"{parts['desired_state_ms'].get('median', 0):.1f} ms); a resync = read_state "
+                         f"{parts['read_state_ms'].get('median', 0):.1f} ms (cold {parts['read_state_cold_ms']:.0f}) "
+                         f"+ plan {parts['plan_ms'].get('median', 0):.1f} ms + nft generation "
+                         f"{parts['generation_read_ms'].get('median', 0):.2f} ms; only when the generation moved: "
+                         f"nft set read {parts['vxlan_filter_read_ms'].get('median', 0):.1f} ms + iptables check "
+                         f"{parts['firewall_check_ms'].get('median', 0):.1f} ms (timed in-process)")
                 pid = lab.daemon_pid(host)
                 entry["rss_mb_live"] = proc_status(pid)
                 progress(f"{size} peers: idle CPU over {options.idle_seconds:.0f} s")

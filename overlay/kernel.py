@@ -655,7 +655,9 @@ def _our_route_from(body: bytes, names: dict[int, str]) -> Route | None:
     dst = attrs.get(RTA_DST, bytes(4))
     gateway = attrs.get(RTA_GATEWAY, bytes(4))
     oif = struct.unpack("=i", attrs[RTA_OIF])[0] if RTA_OIF in attrs else 0
-    return Route(IPv4Network((IPv4Address(dst), dst_len)), IPv4Address(gateway), names.get(oif, ""),
+    # IPv4Network((int, length)): given an IPv4Address instead, ipaddress goes through its text
+    # form, which made this line most of a route's parse.
+    return Route(IPv4Network((int.from_bytes(dst, "big"), dst_len)), IPv4Address(gateway), names.get(oif, ""),
                  onlink=bool(flags & RTNH_F_ONLINK))
 
 
