@@ -428,15 +428,18 @@ class Daemon:
                         actual = DataplaneState(actual.device, actual.neighbours, actual.fdb,
                                                 actual.routes | self._moved_believed)
                 changes = plan(desired, actual)
-            whole_filter = suspect or not filter_known
+            # Also at a resync the filter is changed by difference when it is known: the update
+            # checks the nftables generation, and any commit since our last one (drift in the
+            # filter, whoever made it) turns it into a whole sync that lists the table.
+            whole_filter = not filter_known
             added, removed = (frozenset(), frozenset()) if whole_filter else tracker.pending_sources()
             if not changes.empty:
                 described = changes.describe()
                 for line in described:
                     log.info("%s", line)
                 self.status.changes_applied += len(described)
-            if (not changes.empty or whole_filter or added or removed or changes.create_device is not None
-                    or not self.status.data_plane_ready):
+            if (not changes.empty or suspect or whole_filter or added or removed
+                    or changes.create_device is not None or not self.status.data_plane_ready):
                 await self._in_netlink_thread(self._program, changes, suspect, whole_filter, tracker, added,
                                               removed)
             self._filter_known = True
@@ -481,7 +484,7 @@ class Daemon:
             self._apply_host_settings()
         if whole_filter:
             self._sync_vxlan_filter(tracker.sources())
-        elif added or removed:
+        elif added or removed or suspect:
             self._update_vxlan_filter(tracker, added, removed)
 
     def _track_leases(self) -> DesiredTracker:

@@ -244,6 +244,42 @@ def test_peers_leaving_and_joining_update_the_allowed_set(lab):
     assert all(rtt is not None for rtt in reach.values()), reach
 
 
+def test_drift_in_the_filter_and_the_rules_is_repaired_by_the_resync(lab):
+    """The daemon knows its filter and iptables rules by the nftables ruleset generation and
+    lists them only when it moved: drift made with nft or iptables (each a commit) is still
+    found and repaired within a resync interval (at most 10 s; polled here with room to spare)."""
+    lab.up(hosts=3)
+    lab.wait_converged(timeout=90)
+    wait_for(lambda: allowed(lab, "h1") == public_ips(lab, "h2", "h3"), "h1 to allow h2 and h3")
+    netns = lab.host("h1").netns
+    h2 = lab.host("h2").public_ip
+
+    def nft(*argv: str) -> None:
+        subprocess.run(["ip", "netns", "exec", netns, "nft", *argv], check=True, capture_output=True, timeout=30)
+
+    nft("delete", "element", "ip", "overlay", "vxlan_sources", f"{{ {h2} }}")
+    nft("add", "element", "ip", "overlay", "vxlan_sources", "{ 203.0.113.9 }")
+    assert allowed(lab, "h1") == frozenset({lab.host("h3").public_ip, IPv4Address("203.0.113.9")})
+    started = time.monotonic()
+    wait_for(lambda: allowed(lab, "h1") == public_ips(lab, "h2", "h3"), "the filter repaired on h1", timeout=40)
+    print(f"VXLAN filter drift repaired {time.monotonic() - started:.1f} s after it was made")
+
+    def forward_rules() -> list[str]:
+        done = subprocess.run(["ip", "netns", "exec", netns, "iptables", "-S", firewall.FORWARD_CHAIN],
+                              capture_output=True, text=True, timeout=30)
+        return [line for line in done.stdout.splitlines() if line.startswith("-A ")]
+
+    wanted = forward_rules()
+    assert len(wanted) == 2, wanted
+    subprocess.run(["ip", "netns", "exec", netns, "iptables", "-F", firewall.FORWARD_CHAIN], check=True, timeout=30)
+    assert forward_rules() == []
+    wait_for(lambda: forward_rules() == wanted, "the forwarding rules repaired on h1", timeout=40)
+    # And a lease event after the repair still updates the filter by difference.
+    lab.stop_daemon("h3")
+    lab.etcdctl("del", subnet_key(PREFIX, lab.subnet("h3")))
+    wait_for(lambda: allowed(lab, "h1") == public_ips(lab, "h2"), "h3 gone from h1's filter")
+
+
 def mode(path: Path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
 
