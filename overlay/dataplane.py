@@ -11,8 +11,11 @@ neighbours, FDB entries and routes wanted, the way flannel programs them per pee
 Neither function does I/O; the netlink layer (overlay.kernel) reads actual state and applies a
 plan, and is the only code that talks to the kernel.
 
-Both run on every lease event, over every peer (thousands), so they are written for the case
-where almost nothing changed since the previous call:
+A lease event does not run them over every peer: DesiredTracker (at the end of this module)
+keeps the same desired state lease by lease and plans from the changed leases alone, and is
+checked against these two functions. They run whole at every resync (against what the kernel
+holds) and in tests, over thousands of peers, so they are written for the case where almost
+nothing changed since the previous call:
 
 - Neighbour, FdbEntry and Route hash once, when made. A frozen dataclass otherwise rehashes its
   fields on every set insert and lookup, and an `ipaddress` value hashes in Python each time.
