@@ -599,7 +599,8 @@ class Daemon:
             except WatchCompacted as exc:
                 log.warning("watch from revision %d compacted (now %d): re-listing every lease",
                             self.revision + 1, exc.compact_revision)
-                await self._relist()
+                # etcd may go away right then: not a broken invariant, the next watch tries again.
+                await self._relist_quietly()
             except (StoreUnavailable, StoreError) as exc:
                 # StoreError: etcd refused the watch itself. Not a broken invariant of ours, so
                 # no reason to take the data plane's supervisor down with it: retry, say why.
