@@ -230,6 +230,11 @@ def _contribution(peer: Lease, own: Lease, config: NetworkConfig, underlay: Unde
     a peer. A direct route needs no neighbour or FDB entry."""
     if not _is_peer(peer, own, config):
         return None, None, None
+    return _peer_contribution(peer, config, underlay, device_name)
+
+
+def _peer_contribution(peer: Lease, config: NetworkConfig, underlay: Underlay, device_name: str) -> tuple:
+    """_contribution() of a lease known to be a peer's."""
     if _direct_route_ok(peer, config, underlay):
         return Route(peer.subnet, peer.attrs.public_ip, underlay.iface, onlink=False), None, None
     gateway = peer.subnet.network_address
@@ -468,10 +473,9 @@ class DesiredTracker:
             self._leases.pop(subnet, None)
         else:
             self._leases[subnet] = lease
-            route, neighbour, fdb = _contribution(lease, self.own, self.config, self.underlay, self.device.name)
-            source = lease.attrs.public_ip if _is_peer(lease, self.own, self.config) else None
-            made = (route, neighbour, fdb, source)
-            if made != (None, None, None, None):
+            if _is_peer(lease, self.own, self.config):
+                made = (*_peer_contribution(lease, self.config, self.underlay, self.device.name),
+                        lease.attrs.public_ip)
                 self._made[subnet] = made
                 self._add(subnet, lease, *made)
         self._state = None
