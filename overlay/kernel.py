@@ -679,6 +679,10 @@ def _our_neighbour_from(body: bytes, index: int) -> Neighbour | None:
     family, ifindex, state, _, _ = _NDMSG.unpack_from(body)
     if family != socket.AF_INET or ifindex != index or not state & NUD_PERMANENT:
         return None
+    if body[12:16] == _NEIGHBOUR_DST and body[20:24] == _NEIGHBOUR_LLADDR:
+        # The usual layout (see _neighbour_key): the address and MAC at fixed places, no need
+        # to walk the attributes. (bytes.hex(":") is cni.rtnl.mac_text's spelling, in C.)
+        return Neighbour(IPv4Address(body[16:20]), body[24:30].hex(":"))
     return _neighbour_from(body)
 
 
@@ -687,6 +691,9 @@ def _our_fdb_entry_from(body: bytes, index: int) -> FdbEntry | None:
     family, ifindex, _, flags, _ = _NDMSG.unpack_from(body)
     if family != AF_BRIDGE or ifindex != index or not flags & NTF_SELF:
         return None
+    if body[12:16] == _NEIGHBOUR_LLADDR and body[24:28] == _NEIGHBOUR_DST:   # the usual layout
+        mac = body[16:22]
+        return FdbEntry(mac.hex(":"), IPv4Address(body[28:32])) if mac != _ZERO_MAC_BYTES else None
     return _fdb_entry_from(body)
 
 
