@@ -161,7 +161,10 @@ def scale_section(p: dict) -> list[str]:
     out = ["## Scale (one daemon, fake peers written straight into etcd)", "",
            f"{opts.get('repeats')} live programming runs per size (from the last etcd write acknowledged to "
            "every route in the kernel), one change = one lease added (etcd watch → route notification), "
-           f"{opts.get('changes')} per size; idle CPU over {opts.get('idle_seconds')} s; floor = `ip -batch` + "
+           f"{opts.get('changes')} per size; idle CPU over {opts.get('idle_seconds')} s"
+           + (f", from {opts['idle_settle']} s after the size's other measurements (its first read-back, a "
+              "one-off of programming, comes before)" if opts.get("idle_settle") else "")
+           + "; floor = `ip -batch` + "
            "`bridge -batch` programming the same peers, same run.", ""]
     rows = []
     for size, s in sorted(p.get("sizes", {}).items(), key=lambda item: int(item[0])):
