@@ -17,9 +17,11 @@ desired state, so a missed or duplicated event cannot leave the kernel wrong for
 resync interval.
 
 Moved workloads (overlay.moves): a ClaimFollower keeps every address claim in view with a watch
-of its own; the reconcile adds a /32 route per claim of another host to the subnet data plane,
-and the CNI service claims and withdraws addresses through a ClaimHook into this process's etcd
-store and lease.
+of its own; the reconcile adds a /32 route per granted claim of another host to the subnet data
+plane, and the CNI service claims and withdraws addresses through a ClaimHook into this
+process's etcd store and lease. A ClaimGranter decides the pending claims on addresses of our own
+subnet (refused while a container here has the address, else reserved in the allocator and
+granted), and a ClaimKeeper keeps this host's claims equal to its claimed records.
 
 Start-up: read the network config (refusing a bad one, programming nothing), find the underlay,
 take a lease (adopting the one this host already holds, so a restart keeps its subnet, VTEP MAC
