@@ -106,6 +106,12 @@ def throughput_section(p: dict) -> list[str]:
     if target:
         met = ", ".join(f"{mode} {_verdict(ok)}" for mode, ok in target.get("met", {}).items())
         out += [f"Target {target.get('what')}: {met}."]
+    cost = p.get("vxlan_filter_cost")
+    if cost:
+        out += [f"Cost of the VXLAN source filter (a per-packet nftables lookup the hand-built path does not have): "
+                f"UDP {_ratio_label(cost['pair'])} {cell(cost['with_filter'], 3)} with it, "
+                f"{cell(cost['without_filter'], 3)} without it (daemons stopped, filter table deleted; "
+                f"{len(cost['with_filter_runs'])} ABBA rounds each, after the table's rounds)."]
     for name, why in p.get("not_measured", {}).items():
         out += [f"Not measured: {name} ({why})."]
     return out + ["", _machine_line(p), "", "![throughput](throughput.png)", ""]

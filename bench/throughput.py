@@ -18,6 +18,12 @@ Design notes
   long enough. UDP runs unlimited (`-b 0`) with one datagram size for every path, the largest
   that fits the overlay MTU without fragmenting (MTU - 28), and the figure is what the receiver
   got (sender rate x (1 - loss)), with the loss reported beside it.
+- The VXLAN source filter (overlay.firewall: VXLAN accepted only from current peers) is a
+  per-packet nftables lookup on the receiving host that the hand-built path does not pay. Its
+  cost is measured, not guessed: after the rounds the daemons are stopped (SIGTERM leaves the
+  data plane in place), the filter table is deleted, and UDP, where per-packet costs show most,
+  runs again on the container pair in ABBA order: ours / hand-built with and without the filter,
+  each from the same number of rounds.
 - MTU and offloads of the devices on each path go into the JSON (bench.paths.device_facts), with
   the settings where ours and the hand-built device differ.
 """
@@ -125,6 +131,33 @@ def _parse(mode: str, raw: dict) -> dict:
             "mss": raw.get("start", {}).get("tcp_mss_default")}
 
 
+def _filter_cost(lab: Lab, paths: list[NetPath], servers, options: ThroughputOptions, udp_len: int,
+                 progress: Progress) -> dict | None:
+    """UDP ours / hand-built with the VXLAN source filter (as the daemons left it) and without it."""
+    by_name = {path.name: path for path in paths}
+    ours, hand = ("container", "handmade_container") if "handmade_container" in by_name else ("overlay", "handmade")
+    if ours not in by_name or hand not in by_name:
+        return None
+
+    def pairs(label: str) -> list[float]:
+        ratios = []
+        for index in range(options.repeats):
+            order = (ours, hand) if index % 2 == 0 else (hand, ours)
+            gbps = {name: run_iperf(by_name[name], servers[name][1], "udp", options, udp_len)["gbps"] for name in order}
+            ratios.append(gbps[ours] / gbps[hand] if gbps[hand] > 0 else 0.0)
+            progress(f"filter cost {label:14} round {index + 1}/{options.repeats} {ours}/{hand} {ratios[-1]:.3f}")
+        return ratios
+
+    with_filter = pairs("with filter")
+    for host in lab.hosts:
+        lab.stop_daemon(host)   # the data plane stays; no daemon puts the filter back
+        lab.exec(host, ["nft", "delete", "table", "ip", "overlay"])   # absent when switched off
+    without_filter = pairs("without filter")
+    return {"mode": "udp", "pair": f"{ours}/{hand}", "with_filter": summary(with_filter),
+            "without_filter": summary(without_filter), "with_filter_runs": with_filter,
+            "without_filter_runs": without_filter}
+
+
 def run_iperf(path: NetPath, port: int, mode: str, options: ThroughputOptions, udp_len: int) -> dict:
     argv = _client_argv(path, port, mode, options, udp_len)
     for attempt in range(3):
@@ -172,6 +205,7 @@ def run(results_dir, options: ThroughputOptions | None = None, progress: Progres
                         samples[mode][path.name].append(sample)
                         progress(f"round {round_index + 1}/{options.repeats} {mode:4} {path.name:9} "
                                  f"{sample['gbps']:6.2f} Gbit/s")
+            payload["vxlan_filter_cost"] = _filter_cost(lab, paths, servers, options, udp_len, progress)
         finally:
             _stop_servers(servers)
     results = {}

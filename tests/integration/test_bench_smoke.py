@@ -70,6 +70,10 @@ def test_throughput_smoke(smoke_results):
         assert _stat_ok(result["ratios"]["overlay/handmade"])
         if "container" in paths:
             assert _stat_ok(result["ratios"]["container/handmade_container"])
+    cost = payload["vxlan_filter_cost"]   # UDP with and without the VXLAN source filter
+    assert cost["pair"] in ("container/handmade_container", "overlay/handmade")
+    assert cost["with_filter_runs"] and cost["without_filter_runs"]
+    assert all(ratio > 0 for ratio in cost["with_filter_runs"] + cost["without_filter_runs"])
     assert (smoke_results / "throughput.png").stat().st_size > 0
 
 
