@@ -16,7 +16,7 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from cni.allocator import AllocationStore, AttachmentKey, PoolState, allocate, store_dir
-from cni.errors import AddressUnavailable, ServiceUnavailable
+from cni.errors import AddressUnavailable, PoolExhausted, ServiceUnavailable
 from overlay import claimhook
 from overlay.claimhook import ClaimFollower, ClaimGranter, ClaimHook
 from overlay.claims import Claim, ClaimAttrs, Grant, parse_claim_value
@@ -128,20 +128,25 @@ def test_a_claim_is_pending_only_when_a_live_origin_must_decide():
 
 # --- the origin's decision (pure) -------------------------------------------------------------------------
 
+def assert_never_handed_out(state: PoolState, address: IPv4Address) -> None:
+    """ADDs on the origin until its pool is exhausted: none of them gets `address`."""
+    for n in range(OWN.subnet.num_addresses):
+        try:
+            state, allocation, _ = allocate(state, AttachmentKey("net", f"n{n}", "eth0"), OWN.subnet,
+                                            IPv4Address("10.244.1.1"), "ovlvx", "/x")
+        except PoolExhausted:
+            return
+        assert allocation.address != address
+    raise AssertionError(f"the pool of {OWN.subnet} never ran out")
+
+
 def test_a_free_address_is_reserved_and_granted():
     pending = claim("10.244.1.9", PEER_A, Grant.PENDING)
     round_ = decide_claims(records("10.244.1.2"), OWN, [pending])
     assert [(d.claim, d.grant) for d in round_.decisions] == [(pending, Grant.GRANTED)]
     assert round_.state.reserved == {IPv4Address("10.244.1.9")}
     # Reserved, it is never handed out while the claim exists.
-    state = round_.state
-    for n in range(252):
-        try:
-            state, allocation, _ = allocate(state, AttachmentKey("net", f"n{n}", "eth0"), OWN.subnet,
-                                            IPv4Address("10.244.1.1"), "ovlvx", "/x")
-        except Exception:
-            break
-        assert allocation.address != IPv4Address("10.244.1.9")
+    assert_never_handed_out(round_.state, IPv4Address("10.244.1.9"))
 
 
 def test_an_address_a_container_here_has_is_refused_naming_the_container():
@@ -267,14 +272,7 @@ def test_the_origin_grants_a_free_address_and_the_claimant_proceeds(loop, tmp_pa
     recorded = AllocationStore(store_dir(tmp_path)).read()
     assert recorded.reserved == {IPv4Address("10.244.1.9")}
     # The origin's own ADDs never get it now, whatever the order.
-    state = recorded
-    for n in range(253):
-        try:
-            state, allocation, _ = allocate(state, AttachmentKey("net", f"n{n}", "eth0"), OWN.subnet,
-                                            IPv4Address("10.244.1.1"), "ovlvx", "/x")
-        except Exception:
-            break
-        assert allocation.address != IPv4Address("10.244.1.9")
+    assert_never_handed_out(recorded, IPv4Address("10.244.1.9"))
     # DEL on the claimant withdraws it (a granted claim, by value); the reservation goes next round.
     hook.release(IPv4Address("10.244.1.9"), "mover")
     assert store.claims == {}
