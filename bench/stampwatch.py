@@ -26,16 +26,7 @@ from urllib.parse import urlparse
 import grpc
 from aetcd.rpc import rpc_pb2, rpc_pb2_grpc
 
-
-def prefix_end(prefix: bytes) -> bytes:
-    """The first key after every key starting with prefix (etcd's range_end for a prefix)."""
-    end = bytearray(prefix)
-    while end:
-        if end[-1] < 0xFF:
-            end[-1] += 1
-            return bytes(end)
-        end.pop()
-    return b"\0"
+from overlay.etcd import prefix_end
 
 
 def main(argv: list[str]) -> int:

@@ -66,9 +66,9 @@ RT_TABLE_MAIN = 254
 RTPROT_STATIC = 4
 RT_SCOPE_UNIVERSE = 0
 RTN_UNICAST = 1
-_CLONE_NEWNET = 0x40000000
+CLONE_NEWNET = 0x40000000
 
-_NLMSGHDR = struct.Struct("=IHHII")     # length, type, flags, sequence, port id
+NLMSGHDR = struct.Struct("=IHHII")     # length, type, flags, sequence, port id
 _IFINFOMSG = struct.Struct("=BxHiII")   # family, pad, type, index, flags, change
 _IFADDRMSG = struct.Struct("=BBBBi")    # family, prefixlen, flags, scope, index
 _RTMSG = struct.Struct("=BBBBBBBBI")    # family, dst_len, src_len, tos, table, protocol, scope, type, flags
@@ -222,10 +222,21 @@ def ext_ack_text(tlvs: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode(errors="replace") if raw else ""
 
 
+def messages(data: bytes):
+    """(offset, length, type, flags, sequence) of each netlink message in one datagram."""
+    offset = 0
+    while offset + NLMSGHDR.size <= len(data):
+        length, kind, flags, sequence, _ = NLMSGHDR.unpack_from(data, offset)
+        if length < NLMSGHDR.size:
+            return
+        yield offset, length, kind, flags, sequence
+        offset += (length + 3) & ~3
+
+
 # --------------------------------------------------------------------------- the socket
 
 def _setns(fd: int) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
         raise NamespaceFailure(ctypes.get_errno())
 
 
@@ -283,7 +294,7 @@ class RtnlSocket:
         for position, (kind, flags, body) in enumerate(requests):
             self._sequence = (self._sequence + 1) & 0xFFFFFFFF or 1
             pending[self._sequence] = position
-            chunks.append(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, NLM_F_REQUEST | extra_flags | flags,
+            chunks.append(NLMSGHDR.pack(NLMSGHDR.size + len(body), kind, NLM_F_REQUEST | extra_flags | flags,
                                          self._sequence, 0) + body)
         self.sock.sendall(b"".join(chunks))
         return pending
@@ -295,19 +306,14 @@ class RtnlSocket:
         results = [None] * len(requests)
         while pending:
             data = self.sock.recv(65536)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, kind, flags, sequence, _ = _NLMSGHDR.unpack_from(data, offset)
-                if length < 16:
-                    break
+            for offset, length, kind, flags, sequence in messages(data):
                 if kind == NLMSG_ERROR and sequence in pending:
                     code = -struct.unpack_from("=i", data, offset + 16)[0]
                     detail = ""
                     if code and flags & NLM_F_ACK_TLVS:
-                        echoed = _NLMSGHDR.size if flags & NLM_F_CAPPED else _U32.unpack_from(data, offset + 20)[0]
+                        echoed = NLMSGHDR.size if flags & NLM_F_CAPPED else _U32.unpack_from(data, offset + 20)[0]
                         detail = ext_ack_text(data[offset + 20 + echoed:offset + length])
                     results[pending.pop(sequence)] = (code, detail)
-                offset += (length + 3) & ~3
         return results
 
     def check(self, *requests) -> None:
@@ -322,17 +328,12 @@ class RtnlSocket:
         (sequence,) = self._send(((kind, flags, body),), 0)
         while True:
             data = self.sock.recv(65536)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, kind, _flags, seq, _ = _NLMSGHDR.unpack_from(data, offset)
-                if length < 16:
-                    break
+            for offset, length, kind, _flags, seq in messages(data):
                 if seq == sequence:
                     if kind == NLMSG_ERROR:
                         code = -struct.unpack_from("=i", data, offset + 16)[0]
                         raise NetlinkFailure(code or 0)
                     return data[offset + 16:offset + length]
-                offset += (length + 3) & ~3
 
     def dump(self, kind: int, header: bytes) -> list:
         """Bodies of every message a dump request of `kind` answers with. A dump the kernel
@@ -353,11 +354,7 @@ class RtnlSocket:
         interrupted = False
         while True:
             data = self.sock.recv(1 << 20)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, answer, flags, seq, _ = _NLMSGHDR.unpack_from(data, offset)
-                if length < 16:
-                    break
+            for offset, length, answer, flags, seq in messages(data):
                 if seq == sequence:
                     interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
                     if answer == NLMSG_DONE:
@@ -372,7 +369,6 @@ class RtnlSocket:
                             raise NetlinkFailure(code)
                     else:
                         bodies.append(data[offset + 16:offset + length])
-                offset += (length + 3) & ~3
 
 
 def link_dump_header() -> bytes:

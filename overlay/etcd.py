@@ -306,7 +306,7 @@ def _claim_from_kv(kv: kv_pb2.KeyValue, prefix: str) -> Claim | None:
     return Claim(address, attrs, kv.lease, kv.mod_revision)
 
 
-def _prefix_end(prefix: bytes) -> bytes:
+def prefix_end(prefix: bytes) -> bytes:
     """The range_end that makes a range request cover every key starting with prefix."""
     end = bytearray(prefix)
     while end:
@@ -472,7 +472,7 @@ class EtcdStore:
         # snapshot without one huge message.
         items: list[T] = []
         revision = 0
-        start, end = prefix, _prefix_end(prefix)
+        start, end = prefix, prefix_end(prefix)
         while True:
             response = await conn.kv.Range(
                 rpc_pb2.RangeRequest(key=start, range_end=end, limit=LIST_PAGE_SIZE, revision=revision),
@@ -738,7 +738,7 @@ class EtcdStore:
 
     async def _open_watch(self, conn: _Connection, prefix: bytes, revision: int, timeout: float) -> _WatchStream:
         stream = _WatchStream(conn, self.progress_interval, self.stale_after)
-        request = rpc_pb2.WatchCreateRequest(key=prefix, range_end=_prefix_end(prefix), start_revision=revision)
+        request = rpc_pb2.WatchCreateRequest(key=prefix, range_end=prefix_end(prefix), start_revision=revision)
         try:
             await stream.create(request, timeout)
         except asyncio.TimeoutError:

@@ -110,6 +110,8 @@ import threading
 from ipaddress import IPv4Address, IPv4Network
 from typing import Iterable
 
+from cni.rtnl import NLMSGHDR, attributes, messages
+
 from .errors import KernelError
 
 log = logging.getLogger(__name__)
@@ -531,8 +533,6 @@ NETLINK_NETFILTER = 12
 _NFNL_SUBSYS_NFTABLES = 10
 _NFT_MSG_NEWGEN, _NFT_MSG_GETGEN = 15, 16
 _NFTA_GEN_ID = 1
-_NLMSG_ERROR = 2
-_NLMSGHDR = struct.Struct("=IHHII")
 _generation_socket: tuple[tuple[int, int], socket.socket] | None = None
 _generation_lock = threading.Lock()
 _generation_sequence = 0
@@ -558,29 +558,18 @@ def ruleset_generation(netns: str | None = None) -> int | None:
             _generation_sequence = (_generation_sequence + 1) & 0xFFFFFFFF or 1
             sequence = _generation_sequence
             # nlmsghdr + nfgenmsg (family AF_UNSPEC, version NFNETLINK_V0, res_id 0)
-            sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + 4, (_NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_GETGEN,
+            sock.send(NLMSGHDR.pack(NLMSGHDR.size + 4, (_NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_GETGEN,
                                      1, sequence, 0) + bytes(4))   # NLM_F_REQUEST
             while True:
                 data = sock.recv(65536)
-                offset = 0
-                while offset + _NLMSGHDR.size <= len(data):
-                    length, kind, _, reply_sequence, _ = _NLMSGHDR.unpack_from(data, offset)
-                    if length < _NLMSGHDR.size:
-                        break
-                    if reply_sequence == sequence:
-                        if kind == _NLMSG_ERROR:
-                            return None
-                        if kind == (_NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_NEWGEN:
-                            position = offset + _NLMSGHDR.size + 4
-                            while position + 4 <= offset + length:
-                                attr_length, attr_type = struct.unpack_from("=HH", data, position)
-                                if attr_length < 4:
-                                    break
-                                if attr_type & 0x3FFF == _NFTA_GEN_ID and attr_length >= 8:
-                                    return struct.unpack_from("!I", data, position + 4)[0]
-                                position += (attr_length + 3) & ~3
-                            return None
-                    offset += (length + 3) & ~3
+                for offset, length, kind, _, reply_sequence in messages(data):
+                    if reply_sequence != sequence:
+                        continue
+                    if kind != (_NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_NEWGEN:
+                        return None   # NLMSG_ERROR: refused
+                    # after the nfgenmsg (4 bytes), big-endian NFTA_GEN_ID
+                    gen_id = attributes(data[offset + NLMSGHDR.size:offset + length], 4).get(_NFTA_GEN_ID)
+                    return struct.unpack("!I", gen_id)[0] if gen_id is not None and len(gen_id) == 4 else None
     except OSError as exc:
         with _generation_lock:
             if _generation_socket is not None:

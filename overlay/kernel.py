@@ -61,10 +61,10 @@ from typing import Callable, Iterable
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from cni.rtnl import (IFLA_IFNAME, NETLINK_CAP_ACK, NETLINK_EXT_ACK, NETLINK_ROUTE, NLM_F_ACK, NLM_F_ACK_TLVS,
-                      NLM_F_CAPPED, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REPLACE, NLM_F_REQUEST,
-                      NLMSG_DONE, NLMSG_ERROR, RTM_DELLINK, RTM_GETLINK, RTM_GETROUTE, RTM_NEWLINK, RTM_NEWROUTE,
-                      SOL_NETLINK)
+from cni.rtnl import (CLONE_NEWNET, IFF_UP, IFLA_IFNAME, NETLINK_CAP_ACK, NETLINK_EXT_ACK, NETLINK_ROUTE, NLM_F_ACK,
+                      NLM_F_ACK_TLVS, NLM_F_CAPPED, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REPLACE,
+                      NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NLMSGHDR, RT_SCOPE_UNIVERSE, RT_TABLE_MAIN, RTM_DELLINK,
+                      RTM_GETLINK, RTM_GETROUTE, RTM_NEWLINK, RTM_NEWROUTE, RTN_UNICAST, SOL_NETLINK)
 # One netlink codec for the project (stdlib only): the daemon's and the CNI service's messages
 # are packed and parsed by the same few functions.
 from cni.rtnl import attr as _rtattr
@@ -72,6 +72,7 @@ from cni.rtnl import attributes as _attributes
 from cni.rtnl import ext_ack_text as _ext_ack_message
 from cni.rtnl import mac_bytes as _mac_bytes
 from cni.rtnl import mac_text as _mac_text
+from cni.rtnl import messages as _messages
 
 from .dataplane import DataplaneState, FdbEntry, Neighbour, Plan, Route, Underlay, VxlanDevice
 from .errors import DeviceNotFound, KernelError
@@ -92,21 +93,15 @@ RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
 RTMGRP_LINK = 0x1
 RTMGRP_NEIGH = 0x4
 RTMGRP_IPV4_ROUTE = 0x40
-IFF_UP = 0x1
 IFA_F_SECONDARY = 0x1
 NUD_NOARP = 0x40
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x2
 RTNH_F_ONLINK = 0x4
-RT_TABLE_MAIN = 254
-RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_NOWHERE = 255
-RTN_UNICAST = 1
 AF_BRIDGE = 7
-CLONE_NEWNET = 0x40000000
 _ETH_P_ARP = 0x0806
 
-_NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
 _GONE = (errno.ENOENT, errno.ESRCH, errno.ENODEV)  # what a delete of an absent object reports
 
 # read_state() describes a device it must replace with this in place of the underlay name: no
@@ -318,10 +313,10 @@ class Kernel:
             sequence = self._sequence
             bodies, interrupted = [], False
             try:
-                self._batch.sendall(_NLMSGHDR.pack(_NLMSGHDR.size + len(request), kind,
+                self._batch.sendall(NLMSGHDR.pack(NLMSGHDR.size + len(request), kind,
                                                    NLM_F_REQUEST | NLM_F_DUMP, sequence, 0) + request)
                 done = False
-                header, size, append = _NLMSGHDR.unpack_from, _NLMSGHDR.size, bodies.append
+                header, size, append = NLMSGHDR.unpack_from, NLMSGHDR.size, bodies.append
                 while not done:
                     data = self._batch.recv(1 << 20)
                     # The loop of _messages(), inlined: a resync at 5000 peers walks 15000 messages.
@@ -603,7 +598,7 @@ class _Request:
         return about[0].format(*about[1:])
 
     def encode(self, sequence: int) -> bytes:
-        return _NLMSGHDR.pack(_NLMSGHDR.size + len(self.body), self.type, self.flags, sequence, 0) + self.body
+        return NLMSGHDR.pack(NLMSGHDR.size + len(self.body), self.type, self.flags, sequence, 0) + self.body
 
 
 # The three requests a plan is made of have fixed, simple layouts, so they are packed here with
@@ -615,19 +610,6 @@ _IFINFOMSG = struct.Struct("=BxHiII")    # family, pad, type, index, flags, chan
 NDA_DST, NDA_LLADDR, NDA_IFINDEX = 1, 2, 8
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
 _ZERO_MAC_BYTES = bytes(6)
-
-
-def _messages(data: bytes):
-    """(offset, length, type, flags, sequence) of each netlink message in one datagram."""
-    offset = 0
-    while offset + _NLMSGHDR.size <= len(data):
-        length, kind, flags, sequence, _ = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size:
-            return
-        yield offset, length, kind, flags, sequence
-        offset += (length + 3) & ~3
-
-
 
 
 def _neighbour_from(body: bytes) -> Neighbour | None:
@@ -666,12 +648,6 @@ def _our_route_from(body: bytes, names: dict[int, str]) -> Route | None:
     # form, which made this line most of a route's parse.
     return Route(IPv4Network((int.from_bytes(dst, "big"), dst_len)), IPv4Address(gateway), names.get(oif, ""),
                  onlink=bool(flags & RTNH_F_ONLINK))
-
-
-
-
-
-
 
 
 def _our_neighbour_from(body: bytes, index: int) -> Neighbour | None:
@@ -785,12 +761,10 @@ def _acks(sock: socket.socket, expected: set[int]):
             code = -struct.unpack_from("=i", data, offset + 16)[0]
             detail = ""
             if flags & NLM_F_ACK_TLVS:
-                echoed = _NLMSGHDR.size if flags & NLM_F_CAPPED else struct.unpack_from("=I", data, offset + 20)[0]
+                echoed = NLMSGHDR.size if flags & NLM_F_CAPPED else struct.unpack_from("=I", data, offset + 20)[0]
                 detail = _ext_ack_message(data[offset + 20 + echoed:offset + length])
             waiting.discard(sequence)
             yield sequence, code, detail
-
-
 
 
 def _translate(exc: NetlinkError, what: str) -> KernelError:
@@ -1015,7 +989,7 @@ class DriftWatch:
         relevant = False
         self._undescribed = False
         for offset, length, kind, _, _ in _messages(data):
-            body = data[offset + _NLMSGHDR.size:offset + length]
+            body = data[offset + NLMSGHDR.size:offset + length]
             if kind in (RTM_NEWROUTE, RTM_DELROUTE) and len(body) >= _RTMSG.size:
                 family, _, _, _, _, protocol, _, _, _ = _RTMSG.unpack_from(body)
                 if family == socket.AF_INET and protocol == ROUTE_PROTOCOL:

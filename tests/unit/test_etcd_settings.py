@@ -13,7 +13,7 @@ import pytest
 from aetcd.rpc import kv_pb2, rpc_pb2
 
 from overlay.errors import ConfigError, LeaseLost, StoreError
-from overlay.etcd import (EtcdSettings, EtcdStore, LeaseEvent, _prefix_end, is_transient, lease_event,
+from overlay.etcd import (EtcdSettings, EtcdStore, LeaseEvent, prefix_end, is_transient, lease_event,
                           parse_endpoint, refusal)
 from overlay.lease import DEFAULT_PREFIX, Lease, LeaseAttrs
 
@@ -209,9 +209,9 @@ def test_foreign_keys_are_skipped(key, caplog):
 
 
 def test_prefix_range_end():
-    assert _prefix_end(b"/coreos.com/network/subnets/") == b"/coreos.com/network/subnets0"
-    assert _prefix_end(b"a\xff\xff") == b"b"
-    assert _prefix_end(b"\xff") == b"\x00"
+    assert prefix_end(b"/coreos.com/network/subnets/") == b"/coreos.com/network/subnets0"
+    assert prefix_end(b"a\xff\xff") == b"b"
+    assert prefix_end(b"\xff") == b"\x00"
 
 
 # -------------------------------------------------------------------- retries after a lost reply
