@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from overlay.lab import Lab, LabHost, wait_until
+from overlay.lab import Lab, LabHost
 from overlay.lease import subnets_prefix
 
 from .common import Progress, bench_lab, machine, now_iso, summary, write_result

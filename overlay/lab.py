@@ -710,7 +710,7 @@ class Lab:
                      f"link set {netns} master {self.bridge} up"]
         _ip_batch(root)
         for netns, address in endpoints:
-            _ip_batch([f"link set lo up",
+            _ip_batch(["link set lo up",
                        # A MAC derived from the address: a host removed and added again with the
                        # same address keeps it, so no neighbour on the underlay holds a stale one.
                        f"link set {HOST_IFACE} address {underlay_mac(address)}",
