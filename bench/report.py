@@ -71,13 +71,19 @@ def _machine_line(payload: dict) -> str:
 
 def throughput_section(p: dict) -> list[str]:
     opts = p.get("options", {})
+    labs = p.get("labs") or [p.get("lab")]
     out = ["## Throughput (iperf3, Gbit/s)", "",
-           f"Between two lab hosts, container to container and host to host; {opts.get('repeats')} rounds of {opts.get('seconds')} s per "
-           f"mode and path, paths interleaved"
+           f"Between two lab hosts, container to container and host to host; {opts.get('repeats')} rounds of "
+           f"{opts.get('seconds')} s per mode and path over {len(labs)} fresh lab{'s' if len(labs) > 1 else ''}, "
+           "paths interleaved"
            + ("; compared paths back to back in ABBA order, client on CPU 0 and server on CPU 1"
               if opts.get("pin_cpus") else "")
-           + f". UDP: unlimited rate, {p.get('udp_datagram_bytes')}-byte datagrams "
-           "on every path, receiver's rate. Median [p5–p95]; ratios are medians of per-round ratios.", ""]
+           + f". UDP: unlimited rate, {p.get('udp_datagram_bytes')}-byte datagrams on every path. "
+           + (f"A run's figure is the receiver's steady rate, the median of its {opts['interval']} s intervals "
+              "(a burst of another tenant's load on this shared machine drags a whole-run mean down on one side "
+              "of a pair at random; whole-run means are in the JSON). " if opts.get("interval") else
+              "A run's figure is the receiver's rate. ")
+           + "Median [p5–p95] over rounds; ratios are medians of per-round ratios.", ""]
     results = p.get("results", {})
     paths = [name for name in PATH_ORDER if name in p.get("paths", {})]
     first = next(iter(results.values()), {})
@@ -106,12 +112,17 @@ def throughput_section(p: dict) -> list[str]:
     if target:
         met = ", ".join(f"{mode} {_verdict(ok)}" for mode, ok in target.get("met", {}).items())
         out += [f"Target {target.get('what')}: {met}."]
+        by_lab = {mode: r.get("ratios_by_lab", {}).get(target.get("pair", ""), {}) for mode, r in results.items()}
+        if any(len(labs_) > 1 for labs_ in by_lab.values()):
+            out += ["The same ratio, lab by lab (median of that lab's rounds): " + "; ".join(
+                f"{mode} " + ", ".join(_num(s.get("median"), 3) for s in labs_.values())
+                for mode, labs_ in by_lab.items() if labs_) + "."]
     cost = p.get("vxlan_filter_cost")
     if cost:
         out += [f"Cost of the VXLAN source filter (a per-packet nftables lookup the hand-built path does not have): "
                 f"UDP {_ratio_label(cost['pair'])} {cell(cost['with_filter'], 3)} with it, "
-                f"{cell(cost['without_filter'], 3)} without it (daemons stopped, filter table deleted; "
-                f"{len(cost['with_filter_runs'])} ABBA rounds each, after the table's rounds)."]
+                f"{cell(cost['without_filter'], 3)} without it ({len(cost['with_filter_runs'])} rounds each after "
+                "the table's rounds, daemons stopped, their filter table loaded and deleted in turn, ABBA)."]
     for name, why in p.get("not_measured", {}).items():
         out += [f"Not measured: {name} ({why})."]
     return out + ["", _machine_line(p), "", "![throughput](throughput.png)", ""]
