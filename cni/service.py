@@ -66,6 +66,7 @@ import hashlib
 import json
 import logging
 import os
+import selectors
 import signal
 import socket
 import socketserver
@@ -526,6 +527,18 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     # The address is bound to a temporary name first (see CniService.start).
     allow_reuse_address = False
 
+    def serve_until(self, wake_fd: int) -> None:
+        """Accept requests until wake_fd turns readable. socketserver's serve_forever wakes every
+        poll interval to look for shutdown(); this sleeps until a client or close() calls."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self, selectors.EVENT_READ)
+            selector.register(wake_fd, selectors.EVENT_READ)
+            while True:
+                for key, _ in selector.select():
+                    if key.fileobj == wake_fd:
+                        return
+                    self._handle_request_noblock()
+
 
 class CniService:
     """The plugin's server side: `start()`, `set_ready(bool)`, `close()`."""
@@ -537,6 +550,7 @@ class CniService:
         self.attacher = Attacher(self.run_dir, ready=self._ready.is_set, claims=claims)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._wake: tuple[int, int] | None = None   # pipe: close() writes, the accept loop returns
         self._inode: int | None = None
 
     def start(self) -> None:
@@ -560,8 +574,8 @@ class CniService:
         server.service = self
         self._inode = self.socket_path.stat().st_ino
         self._server = server
-        # A short poll interval: close() waits up to one interval for the accept loop to notice.
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+        self._wake = os.pipe()
+        self._thread = threading.Thread(target=server.serve_until, args=(self._wake[0],),
                                         name="cni-service", daemon=True)
         self._thread.start()
         log.info("CNI service listening on %s", self.socket_path)
@@ -583,10 +597,12 @@ class CniService:
                 self.socket_path.unlink()
         except FileNotFoundError:
             pass
-        self._server.shutdown()
+        os.write(self._wake[1], b"x")
+        self._thread.join()             # the accept loop has returned: no new request starts
         self._server.server_close()     # joins the request threads (block_on_close)
-        self._thread.join()
-        self._server = None
+        for fd in self._wake:
+            os.close(fd)
+        self._server = self._wake = None
 
     def _serves(self, run_dir: str) -> bool:
         """Whether the config's runDir is this service's run dir (the same directory, by

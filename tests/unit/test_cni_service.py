@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import stat
+import time
 
 import pytest
 
@@ -170,3 +171,23 @@ def test_a_hint_to_another_run_dirs_service_ends_at_the_configs(tmp_path):
 def test_request_strings_are_json():
     for text in ["", "plain", 'quo"te', "back\\slash", "new\nline\ttab\r\x00\x1f\x7f", "é ü 中", "\udcff"]:
         assert json.loads(plugin._string(text)) == text
+
+
+def _voluntary_switches(native_id: int) -> int:
+    with open(f"/proc/self/task/{native_id}/status") as status_file:
+        for line in status_file:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches line")
+
+
+def test_an_idle_service_sleeps_until_a_client_or_close_calls(service, tmp_path):
+    # socketserver's serve_forever woke every poll interval (20 times a second at 0.05 s) to look
+    # for shutdown(); the accept loop now blocks until the socket or close()'s pipe is readable.
+    thread = service._thread
+    before = _voluntary_switches(thread.native_id)
+    time.sleep(0.5)   # an observation window, not a wait for a condition
+    assert _voluntary_switches(thread.native_id) - before <= 1
+    assert status(tmp_path)[1]["code"] == 50   # a client still wakes it
+    service.close()
+    assert not thread.is_alive()
