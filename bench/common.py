@@ -5,7 +5,10 @@ Design notes
   between order statistics (the "R7" definition numpy uses by default), so p50 of an even-sized
   sample is the mean of the middle two. `summary()` is the one shape every figure takes in the
   JSON: n, median, p5, p95, min, max (p99 where a tail matters). With few samples p5/p95 sit
-  close to min/max; n is always reported so a reader can tell.
+  close to min/max; n is always reported so a reader can tell. `median_ci()` says how far a
+  median can be trusted: the order statistics that bracket the true median with 95%
+  probability whatever the distribution (binomial), so a verdict near a threshold can say it
+  is within noise instead of flipping from run to run.
 - Progress goes to stderr as `[  12.3 s] bench name: what`, so stdout stays clean for a caller.
 - `bench_lab()` is the only way a benchmark gets a lab: a random name "b" + 3 characters (lab
   names are at most 4, everything the lab makes is `ovl-<name>-*`), and `teardown(name)` in a
@@ -46,6 +49,22 @@ def percentile(values: Sequence[float], q: float) -> float:
     low = math.floor(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def median_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free confidence interval of the median: the order statistics (k, n+1-k)
+    with the largest k for which a Binomial(n, 1/2) falls below k with probability at most
+    (1 - confidence) / 2. None when n is too small for that confidence (n < 6 at 95%)."""
+    ordered = sorted(float(v) for v in values)
+    n = len(ordered)
+    tail, below = (1.0 - confidence) / 2, 0.0
+    k = 0
+    while k < n // 2:
+        below += math.comb(n, k) / 2.0 ** n     # P(X <= k) for X ~ Binomial(n, 1/2)
+        if below > tail:
+            break
+        k += 1
+    return (ordered[k - 1], ordered[n - k]) if k else None
 
 
 def summary(values: Sequence[float], tail: bool = False, digits: int = 6) -> dict:

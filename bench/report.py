@@ -61,6 +61,16 @@ def _verdict(met) -> str:
     return "not tested at that size" if met is None else ("met" if met else "NOT met")
 
 
+def _throughput_verdict(target: dict, mode: str) -> str:
+    """"tcp1 met (1.014, 95% CI of the median 0.99–1.03: decided)" and the like."""
+    text = f"{mode} {_verdict(target['met'][mode])}"
+    interval = target.get("ci95", {}).get(mode)
+    if not interval:
+        return text
+    how = "decided" if target["decided"][mode] else "within noise: the interval holds 0.98"
+    return f"{text} ({_num(target['median'][mode], 3)}, 95% CI of the median {_num(interval[0], 3)}–{_num(interval[1], 3)}: {how})"
+
+
 def _machine_line(payload: dict) -> str:
     m = payload.get("machine", {})
     return (f"_Run {payload.get('started', '?')} on {m.get('cpus', '?')} CPUs ({m.get('cpu_model', '?')}), "
@@ -110,8 +120,8 @@ def throughput_section(p: dict) -> list[str]:
         out += [f"Offloads on our VXLAN device: {', '.join(_first_end(overlay).get('offloads_on', [])) or 'none'}."]
     target = p.get("target", {})
     if target:
-        met = ", ".join(f"{mode} {_verdict(ok)}" for mode, ok in target.get("met", {}).items())
-        out += [f"Target {target.get('what')}: {met}."]
+        out += [f"Target {target.get('what')}: " + "; ".join(
+            _throughput_verdict(target, mode) for mode in target.get("met", {})) + "."]
         by_lab = {mode: r.get("ratios_by_lab", {}).get(target.get("pair", ""), {}) for mode, r in results.items()}
         if any(len(labs_) > 1 for labs_ in by_lab.values()):
             out += ["The same ratio, lab by lab (median of that lab's rounds): " + "; ".join(

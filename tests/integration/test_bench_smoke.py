@@ -43,6 +43,7 @@ def smoke_results(tmp_path_factory):
     payloads = {path.stem: json.loads(path.read_text()) for path in results.glob("*.json")}
     assert set(payloads) == {"throughput", "latency", "convergence", "scale", "cni", "moves"}
     made = {payload["lab"] for payload in payloads.values() if "lab" in payload}
+    made |= set(payloads["throughput"]["labs"])    # throughput may use several
     assert len(made) == 5 and not made & set(lab_names())
     tag = payloads["cni"]["namespace_tag"]
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
@@ -70,6 +71,9 @@ def test_throughput_smoke(smoke_results):
         assert _stat_ok(result["ratios"]["overlay/handmade"])
         if "container" in paths:
             assert _stat_ok(result["ratios"]["container/handmade_container"])
+    target = payload["target"]            # one round: a verdict, and no interval to decide it
+    assert set(target["met"]) == set(target["decided"]) == {"tcp1", "tcp4", "udp"}
+    assert not any(target["decided"].values()) and not any(target["ci95"].values())
     cost = payload["vxlan_filter_cost"]   # UDP with and without the VXLAN source filter
     assert cost["pair"] in ("container/handmade_container", "overlay/handmade")
     assert cost["with_filter_runs"] and cost["without_filter_runs"]

@@ -3,7 +3,8 @@ filter-cost order."""
 
 from collections import Counter
 
-from bench.throughput import ThroughputOptions, _parse, filter_cost_order, steady_gbps
+from bench.common import median_ci
+from bench.throughput import ThroughputOptions, _parse, filter_cost_order, steady_gbps, target_verdict
 
 
 def _report(rates_gbps: list[float], seconds: list[float]) -> dict:
@@ -53,3 +54,31 @@ def test_filter_cost_rounds_balance_states_and_orders():
     assert all({state for state, _ in filter_cost_order(index)} == {True, False} for index in range(8))
     assert Counter(filter_cost_order(index)[0][0] for index in range(8)) == {True: 4, False: 4}
     assert Counter(runs) == {(True, True): 4, (True, False): 4, (False, True): 4, (False, False): 4}
+
+
+def test_the_median_interval_is_the_binomial_order_statistics():
+    # n = 12: ranks 3 and 10 (P(Binomial(12, 1/2) <= 2) = 0.019 <= 0.025 < P(<= 3) = 0.073).
+    assert median_ci(list(range(1, 13))) == (3.0, 10.0)
+    assert median_ci([5.0, 1.0, 4.0, 2.0, 6.0, 3.0]) == (1.0, 6.0)   # n = 6: the extremes (96.9%)
+    assert median_ci(list(range(1, 25))) == (7.0, 18.0)
+    assert median_ci([1.0, 2.0, 3.0, 4.0, 5.0]) is None               # too few for 95%
+
+
+def _runs(gbps: list[float]) -> list[dict]:
+    return [{"gbps": value} for value in gbps]
+
+
+def test_the_target_verdict_says_whether_the_noise_decides_it():
+    pair = "container/handmade_container"
+    hand = [10.0] * 12
+    clear = [10.1, 10.2, 9.9, 10.0, 10.3, 10.1, 10.2, 10.0, 10.1, 10.2, 10.0, 10.1]   # every ratio >= 0.99
+    noisy = [10.1, 8.0, 12.0, 9.5, 10.4, 7.9, 12.5, 9.6, 10.2, 8.1, 11.9, 9.7]       # median 0.99, wide
+    low = [9.0, 9.2, 9.1, 8.9, 9.3, 9.0, 9.1, 9.2, 8.8, 9.0, 9.1, 9.2]                # every ratio < 0.94
+    samples = {"tcp1": {"container": _runs(clear), "handmade_container": _runs(hand)},
+               "tcp4": {"container": _runs(noisy), "handmade_container": _runs(hand)},
+               "udp": {"container": _runs(low), "handmade_container": _runs(hand)}}
+    verdict = target_verdict(samples, pair)
+    assert verdict["met"] == {"tcp1": True, "tcp4": True, "udp": False}
+    assert verdict["decided"] == {"tcp1": True, "tcp4": False, "udp": True}
+    assert verdict["ci95"]["tcp4"][0] < 0.98 < verdict["ci95"]["tcp4"][1]
+    assert verdict["median"]["tcp4"] == 0.99
