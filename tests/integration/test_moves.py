@@ -119,13 +119,11 @@ def test_two_hosts_claiming_one_address_at_once_exactly_one_wins(lab):
     links_before = {host: host_links(lab, host) for host in contenders}
     # Two runtimes, one on each host, ADD a container asking for the same address at the same
     # moment (the plugin exec'd directly: the Lab handle is not thread-safe).
-    netns = {host: f"ovl-{lab.name}-{host}c9" for host in contenders}
-    for name in netns.values():
-        subprocess.run(["ip", "netns", "add", name], check=True)
+    netns = {host: _netns(lab, f"{host}c9") for host in contenders}
     start = threading.Barrier(len(contenders))
 
     def add(host: str):
-        attachment = Attachment(secrets.token_hex(32), f"/run/netns/{netns[host]}", "eth0", f"IP={wanted}")
+        attachment = claiming(netns[host], wanted)
         conflist = lab.conflist(host)
         start.wait()
         try:
@@ -223,25 +221,40 @@ def records(lab: Lab, host: str) -> dict:
     return json.loads((lab.host(host).run_dir / "cni-ipam" / "allocations.json").read_text())
 
 
+def _netns(lab: Lab, name: str) -> str:
+    netns = f"ovl-{lab.name}-{name}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    return netns
+
+
+def claiming(netns: str, address) -> Attachment:
+    return Attachment(secrets.token_hex(32), f"/run/netns/{netns}", "eth0", f"IP={address}")
+
+
+def failed_claim(lab: Lab, host: str, attachment: Attachment, address) -> PluginFailed:
+    """The ADD of an attachment claiming `address` on host, which must fail and leave on host no
+    link, no record and no claim of the address; the failure."""
+    links_before = host_links(lab, host)
+    with pytest.raises(PluginFailed) as failed:
+        lab.conflist(host).add(attachment)
+    assert host_links(lab, host) == links_before
+    assert str(address) not in {a["address"] for a in records(lab, host)["allocations"]}
+    assert str(address) not in claims(lab)
+    return failed.value
+
+
 def test_claim_of_an_address_in_use_on_its_origin_is_refused_and_leaves_nothing_behind(lab):
     lab.up(hosts=3, containers=1)
     lab.wait_converged(timeout=60)
     busy = lab.container("h1c1")              # still attached on h1: its address is in use there
-    links_before = host_links(lab, "h2")
-    netns = f"ovl-{lab.name}-h2c9"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    attachment = Attachment(secrets.token_hex(32), f"/run/netns/{netns}", "eth0", f"IP={busy.address}")
-    with pytest.raises(PluginFailed) as refused:
-        lab.conflist("h2").add(attachment)
-    error = refused.value
+    netns = _netns(lab, "h2c9")
+    attachment = claiming(netns, busy.address)
+    error = failed_claim(lab, "h2", attachment, busy.address)
     assert error.code == 103, error.error
     assert (f"in use on origin host {lab.host('h1').public_ip} (subnet {lab.subnet('h1')})" in error.error["msg"]
             and f"container {busy.container_id[:12]} eth0" in error.error["msg"]), error.error
-    # Nothing left on the claimant: no link, no host route, no record, no claim, no address inside.
-    assert host_links(lab, "h2") == links_before
+    # Nothing else left on the claimant either: no host route, no address inside.
     assert str(busy.address) not in lab.exec("h2", ["ip", "route", "show", "proto", "212"]).stdout
-    assert str(busy.address) not in {a["address"] for a in records(lab, "h2")["allocations"]}
-    assert str(busy.address) not in claims(lab)
     assert "eth0" not in subprocess.run(["ip", "-n", netns, "-o", "link"], capture_output=True, text=True).stdout
     # The origin kept it all along: no route away, nothing reserved, reached from every container.
     assert f"via {lab.subnet('h2').network_address}" not in host_route(lab, "h1", busy.address)
@@ -309,12 +322,6 @@ def test_the_origin_never_hands_out_a_granted_address(lab):
                f"h1 to drop its reservation of {address}")
 
 
-def _netns(lab: Lab, name: str) -> str:
-    netns = f"ovl-{lab.name}-{name}"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    return netns
-
-
 def _release_all(state, network: str):
     from cni.allocator import release_unlisted
     return release_unlisted(state, network, frozenset())[0]
@@ -325,17 +332,10 @@ def test_an_origin_that_is_down_fails_the_claim_with_11_and_decides_when_it_is_b
     lab.wait_converged(timeout=60)
     wanted = lab.subnet("h1").network_address + 77      # free on h1
     lab.stop_daemon("h1")                              # its lease lives on (TTL 24 h): h1 is the origin
-    links_before = host_links(lab, "h2")
-    attachment = Attachment(secrets.token_hex(32), f"/run/netns/{_netns(lab, 'h2c9')}", "eth0", f"IP={wanted}")
-    with pytest.raises(PluginFailed) as unanswered:
-        lab.conflist("h2").add(attachment)
-    error = unanswered.value
+    error = failed_claim(lab, "h2", claiming(_netns(lab, "h2c9"), wanted), wanted)
     assert error.code == 11, error.error
     assert (f"origin host {lab.host('h1').public_ip} (subnet {lab.subnet('h1')}) did not answer" in error.error["msg"]
             and "is overlayd running there?" in error.error["msg"]), error.error
-    assert host_links(lab, "h2") == links_before
-    assert str(wanted) not in {a["address"] for a in records(lab, "h2")["allocations"]}
-    assert str(wanted) not in claims(lab)
     # A claim left pending while the origin was down (by a host that then went quiet: none of
     # the lab's, so no keeper withdraws it) is decided by the origin's first listing when it is back...
     stranger = {"PublicIP": "198.18.250.9", "VtepMAC": "c6:d2:00:00:fa:09", "Subnet": "10.244.250.0/24",

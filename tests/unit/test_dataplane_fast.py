@@ -15,11 +15,13 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from overlay.claims import Claim, ClaimAttrs
-from overlay.config import parse_config
-from overlay.dataplane import (DataplaneState, FdbEntry, Neighbour, Route, Underlay, desired_device,
+from overlay.dataplane import (DataplaneState, FdbEntry, Neighbour, Route, desired_device,
                                desired_state, plan, vtep_mac, vxlan_sources)
 from overlay.lease import Lease, LeaseAttrs
+
 from overlay.moves import is_own_claim, moved_routes, with_moved_addresses
+
+from tests.support.dataplane import CONFIGS, OWN, UNDERLAYS
 
 
 # --- the plain computations, as they were before the fast paths ------------------------------
@@ -87,11 +89,6 @@ def plain_moved_routes(routes, own, peers, claims):
 
 # --- random inputs -----------------------------------------------------------------------------
 
-CONFIGS = [parse_config('{"Network": "10.0.0.0/16", "SubnetLen": 24, "Backend": {"Type": "vxlan"}}'),
-           parse_config('{"Network": "10.0.0.0/16", "SubnetLen": 24, '
-                        '"Backend": {"Type": "vxlan", "DirectRouting": true}}')]
-UNDERLAYS = [Underlay("eth0", IPv4Address("198.18.0.1"), 1500, IPv4Network("198.18.0.0/28")),
-             Underlay("eth1", IPv4Address("198.18.0.1"), 9000, None)]
 MACS = [vtep_mac(IPv4Address(f"198.18.0.{i}"), 1) for i in range(1, 6)]
 
 
@@ -113,7 +110,6 @@ def random_claim(rng: random.Random, leases: list[Lease]) -> Claim:
     return Claim(address, ClaimAttrs(public_ip, holder.attrs.vtep_mac, holder.subnet, "c"), 9, 5)
 
 
-OWN = Lease(IPv4Network("10.0.1.0/24"), LeaseAttrs(IPv4Address("198.18.0.1"), 1, MACS[0]), 7, 1)
 
 
 @pytest.mark.parametrize("seed", range(40))

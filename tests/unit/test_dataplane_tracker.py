@@ -15,18 +15,13 @@ from ipaddress import IPv4Address, IPv4Network
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from overlay.config import parse_config
-from overlay.dataplane import (DesiredTracker, FdbEntry, Neighbour, Route, Underlay, desired_state, plan,
+from overlay.dataplane import (DesiredTracker, FdbEntry, Neighbour, Route, desired_state, plan,
                                vtep_mac, vxlan_sources)
 from overlay.lease import Lease, LeaseAttrs
 
-CONFIGS = [parse_config('{"Network": "10.0.0.0/16", "SubnetLen": 24, "Backend": {"Type": "vxlan"}}'),
-           parse_config('{"Network": "10.0.0.0/16", "SubnetLen": 24, '
-                        '"Backend": {"Type": "vxlan", "DirectRouting": true}}')]
-UNDERLAYS = [Underlay("eth0", IPv4Address("198.18.0.1"), 1500, IPv4Network("198.18.0.0/28")),
-             Underlay("eth1", IPv4Address("198.18.0.1"), 9000, None)]
+from tests.support.dataplane import CONFIGS, OWN, UNDERLAYS
+
 MACS = [vtep_mac(IPv4Address(f"198.18.0.{i}"), 1) for i in range(1, 5)]
-OWN = Lease(IPv4Network("10.0.1.0/24"), LeaseAttrs(IPv4Address("198.18.0.1"), 1, MACS[0]), 7, 1)
 # Small pools, so that public IPs, MACs and revisions collide; subnets that overlap each other
 # (10.0.4.0/23 and 10.0.4.0/24 share a network address: two neighbours at one address), ours,
 # or lie outside the network.
