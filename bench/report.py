@@ -85,9 +85,9 @@ def throughput_section(p: dict) -> list[str]:
     out = ["## Throughput (iperf3, Gbit/s)", "",
            f"Between two lab hosts, container to container and host to host; {opts.get('repeats')} rounds of "
            f"{opts.get('seconds')} s per mode and path over {len(labs)} fresh lab{'s' if len(labs) > 1 else ''}, "
-           "paths interleaved"
-           + ("; compared paths back to back in ABBA order, client on CPU 0 and server on CPU 1"
-              if opts.get("pin_cpus") else "")
+           "paths interleaved, compared paths back to back in ABBA order"
+           + ("; client on CPU 0 and server on CPU 1"
+              if opts.get("pin_cpus") and p.get("machine", {}).get("cpus", 1) >= 2 else "")
            + f". UDP: unlimited rate, {p.get('udp_datagram_bytes')}-byte datagrams on every path. "
            + (f"A run's figure is the receiver's steady rate, the median of its {opts['interval']} s intervals "
               "(a burst of another tenant's load on this shared machine drags a whole-run mean down on one side "

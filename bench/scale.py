@@ -46,6 +46,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from overlay.daemon import DaemonSettings
 from overlay.lab import Lab, LabHost, wait_until
 from overlay.lease import subnet_key
 
@@ -66,7 +67,7 @@ class ScaleOptions:
     cold_repeats: int = 2
     idle_seconds: float = 60.0
     idle_window: float = 10.0
-    idle_settle: float = 10.0      # the daemon's resync interval: its first read-back of a new size
+    idle_settle: float = DaemonSettings.resync_interval   # its first read-back of a new size comes before
     deadline: float = 300.0
 
     @classmethod
@@ -259,13 +260,22 @@ def reconcile_breakdown(lab: Lab, host: LabHost, size: int, repeats: int = 5) ->
     newcomer = fake_peer(size + 999)
     joined = Lease(newcomer.subnet, LeaseAttrs(newcomer.public_ip, vni, newcomer.mac), 0, size + 10)
     left = 0
+
+    def host_checks() -> tuple[float, float, float]:
+        c0 = time.perf_counter()
+        firewall.ruleset_generation()
+        c1 = time.perf_counter()
+        firewall.vxlan_filter_sources()
+        c2 = time.perf_counter()
+        firewall._rules_present(None)   # what rules_present() runs when the generation moved
+        return (c1 - c0) * 1000, (c2 - c1) * 1000, (time.perf_counter() - c2) * 1000
     with Kernel(host.netns) as kernel:
         cold_started = time.perf_counter()
         kernel.read_state(tracker.device.name, tracker.state())
         cold = (time.perf_counter() - cold_started) * 1000
         for _ in range(repeats):
             t0 = time.perf_counter()
-            desired = desired_state(own, peers, config, underlay)
+            desired_state(own, peers, config, underlay)   # timed for reference
             t1 = time.perf_counter()
             for lease in (joined, None):   # one lease joins, then leaves
                 tracker.update(joined.subnet, lease)
@@ -273,7 +283,7 @@ def reconcile_breakdown(lab: Lab, host: LabHost, size: int, repeats: int = 5) ->
                 tracker.pending_sources()
                 tracker.commit()
             t2 = time.perf_counter()
-            actual = kernel.read_state(desired.device.name, tracker.state())
+            actual = kernel.read_state(tracker.device.name, tracker.state())
             t3 = time.perf_counter()
             changes = plan(tracker.state(), actual)
             t4 = time.perf_counter()
@@ -282,15 +292,6 @@ def reconcile_breakdown(lab: Lab, host: LabHost, size: int, repeats: int = 5) ->
             timings["read_state_ms"].append((t3 - t2) * 1000)
             timings["plan_ms"].append((t4 - t3) * 1000)
             left = len(changes.describe())
-
-            def host_checks() -> tuple[float, float, float]:
-                c0 = time.perf_counter()
-                firewall.ruleset_generation()
-                c1 = time.perf_counter()
-                firewall.vxlan_filter_sources()
-                c2 = time.perf_counter()
-                firewall._rules_present(None)   # what rules_present() runs when the generation moved
-                return (c1 - c0) * 1000, (c2 - c1) * 1000, (time.perf_counter() - c2) * 1000
             generation, listing, iptables = _in_netns(host.netns, host_checks)
             timings["generation_read_ms"].append(generation)
             timings["vxlan_filter_read_ms"].append(listing)

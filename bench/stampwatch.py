@@ -26,7 +26,18 @@ from urllib.parse import urlparse
 import grpc
 from aetcd.rpc import rpc_pb2, rpc_pb2_grpc
 
-from overlay.etcd import prefix_end
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The first key after every key starting with prefix (etcd's range_end for a prefix). Kept
+    here rather than imported from overlay.etcd: see the design note (and importing it would load
+    the daemon's whole etcd client into this process)."""
+    end = bytearray(prefix)
+    while end:
+        if end[-1] < 0xFF:
+            end[-1] += 1
+            return bytes(end)
+        end.pop()
+    return b"\0"
 
 
 def main(argv: list[str]) -> int:

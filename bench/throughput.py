@@ -1,9 +1,9 @@
 """Throughput: iperf3 TCP (1 and 4 streams) and UDP over ours, the underlay and a hand-built VXLAN.
 
 Design notes
-- One lab of two hosts; paths from bench.paths (all between the same two namespaces). An iperf3
-  server per path runs in the server's namespace bound to that path's address, each on its own
-  port, for the whole benchmark; the client runs in the other host's namespace.
+- Each lab has two hosts; paths from bench.paths (all between the same two namespaces). An
+  iperf3 server per path runs in the server's namespace bound to that path's address, each on its
+  own port, for all of that lab's runs; the client runs in the other host's namespace.
 - Rounds: in each round every (mode, path) pair runs once. The paths a target compares run
   back to back (ours, then the hand-built one; the other way round in the next round: ABBA),
   and the pairs themselves rotate, so a slow minute of a noisy machine hits both sides of a
@@ -48,6 +48,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+from overlay.firewall import VXLAN_TABLE, remove_vxlan_filter
 from overlay.lab import Lab, wait_until
 
 from .common import Progress, bench_lab, machine, median_ci, now_iso, summary, write_result
@@ -143,19 +144,19 @@ def steady_gbps(raw: dict, interval: float) -> float | None:
 
 def _parse(mode: str, raw: dict, interval: float) -> dict:
     end = raw.get("end", {})
-    steady = steady_gbps(raw, interval)
     if mode == "udp":
         total = end.get("sum", {})
         lost = float(total.get("lost_percent", 0.0))
         sent_bps = float(total.get("bits_per_second", 0.0))
         received = end.get("sum_received", {}).get("bits_per_second")
         mean = (float(received) if received is not None else sent_bps * (1 - lost / 100)) / 1e9
-        return {"gbps": steady if steady is not None else mean, "mean_gbps": mean, "sender_gbps": sent_bps / 1e9,
-                "lost_percent": lost, "jitter_ms": total.get("jitter_ms")}
-    mean = float(end.get("sum_received", {}).get("bits_per_second", 0.0)) / 1e9
-    return {"gbps": steady if steady is not None else mean, "mean_gbps": mean,
-            "retransmits": end.get("sum_sent", {}).get("retransmits"),
-            "mss": raw.get("start", {}).get("tcp_mss_default")}
+        extra = {"sender_gbps": sent_bps / 1e9, "lost_percent": lost, "jitter_ms": total.get("jitter_ms")}
+    else:
+        mean = float(end.get("sum_received", {}).get("bits_per_second", 0.0)) / 1e9
+        extra = {"retransmits": end.get("sum_sent", {}).get("retransmits"),
+                 "mss": raw.get("start", {}).get("tcp_mss_default")}
+    steady = steady_gbps(raw, interval)
+    return {"gbps": steady if steady is not None else mean, "mean_gbps": mean, **extra}
 
 
 def filter_cost_order(round_index: int) -> list[tuple[bool, bool]]:
@@ -166,36 +167,39 @@ def filter_cost_order(round_index: int) -> list[tuple[bool, bool]]:
     return [(state, ours_first) for state in states]
 
 
+def target_pair(path_names) -> tuple[str, str]:
+    """The pair the target is about: containers when the lab could attach them, else hosts."""
+    return ("container", "handmade_container") if "handmade_container" in path_names else ("overlay", "handmade")
+
+
 def _filter_cost(lab: Lab, paths: list[NetPath], servers, options: ThroughputOptions, udp_len: int,
-                 rounds: int, progress: Progress) -> dict[str, list[float]] | None:
+                 rounds: range, progress: Progress) -> dict[str, list[float]]:
     """UDP ours / hand-built with the VXLAN source filter (the table the daemons left) and
     without it, the two states alternating; ends with the daemons stopped."""
     by_name = {path.name: path for path in paths}
-    ours, hand = ("container", "handmade_container") if "handmade_container" in by_name else ("overlay", "handmade")
-    if ours not in by_name or hand not in by_name:
-        return None
+    ours, hand = target_pair(by_name)
     tables = {}
     for host in lab.hosts:
         lab.stop_daemon(host)   # the data plane stays; no daemon puts the filter back
-        tables[host.name] = lab.exec(host, ["nft", "list", "table", "ip", "overlay"]).stdout  # "" when switched off
+        tables[host.name] = lab.exec(host, ["nft", "list", "table", "ip", VXLAN_TABLE]).stdout  # "" when off
 
     def load(with_filter: bool) -> None:
         for name, table in tables.items():
-            lab.exec(name, ["nft", "delete", "table", "ip", "overlay"])
+            remove_vxlan_filter(netns=lab.host(name).netns)
             if with_filter and table:
                 lab.exec(name, ["nft", "-f", "-"], input=table, check=True)
 
     ratios: dict[str, list[float]] = {"with_filter": [], "without_filter": []}
     try:
-        for index in range(rounds):
+        for index in rounds:
             for with_filter, ours_first in filter_cost_order(index):
                 load(with_filter)
                 order = (ours, hand) if ours_first else (hand, ours)
-                gbps = {name: run_iperf(by_name[name], servers[name][1], "udp", options, udp_len)["gbps"]
-                        for name in order}
+                runs = {name: run_iperf(by_name[name], servers[name][1], "udp", options, udp_len) for name in order}
                 key = "with_filter" if with_filter else "without_filter"
-                ratios[key].append(gbps[ours] / gbps[hand] if gbps[hand] > 0 else 0.0)
-                progress(f"filter cost round {index + 1}/{rounds} {key:14} {ours}/{hand} {ratios[key][-1]:.3f}")
+                ratios[key] += _per_round_ratios([runs[ours]], [runs[hand]])
+                progress(f"filter cost round {index + 1}/{options.repeats} {key:14} {ours}/{hand} "
+                         f"{ratios[key][-1] if ratios[key] else float('nan'):.3f}")
     finally:
         load(True)   # as the daemons left it (the lab is torn down next anyway)
     return {"pair": f"{ours}/{hand}", **ratios}
@@ -245,11 +249,10 @@ def _measure_lab(lab: Lab, payload: dict, options: ThroughputOptions, rounds: in
                     samples[mode].setdefault(path.name, []).append({**sample, "lab": lab.name})
                     progress(f"{lab.name} round {round_index + 1}/{options.repeats} {mode:4} {path.name:18} "
                              f"{sample['gbps']:6.2f} Gbit/s")
-        cost = _filter_cost(lab, paths, servers, options, udp_len, rounds, progress)
-        if cost:
-            filter_runs["pair"] = cost.pop("pair")
-            for key, ratios in cost.items():
-                filter_runs.setdefault(key, []).extend(ratios)
+        cost = _filter_cost(lab, paths, servers, options, udp_len, range(first_round, first_round + rounds), progress)
+        filter_runs["pair"] = cost.pop("pair")
+        for key, ratios in cost.items():
+            filter_runs.setdefault(key, []).extend(ratios)
     finally:
         _stop_servers(servers)
 
@@ -287,15 +290,15 @@ def run(results_dir, options: ThroughputOptions | None = None, progress: Progres
     samples: dict[str, dict[str, list[dict]]] = {mode: {} for mode in MODES}
     filter_runs: dict = {}
     first_round = 0
-    for index, rounds in enumerate(options.rounds_per_lab()):
+    rounds_per_lab = options.rounds_per_lab()
+    for index, rounds in enumerate(rounds_per_lab):
         with bench_lab() as lab:
-            progress(f"lab {index + 1}/{len(options.rounds_per_lab())} {lab.name}: 2 hosts, etcd, 2 daemons, "
-                     f"{rounds} rounds")
+            progress(f"lab {index + 1}/{len(rounds_per_lab)} {lab.name}: 2 hosts, etcd, 2 daemons, {rounds} rounds")
             _measure_lab(lab, payload, options, rounds, first_round, samples, filter_runs, progress)
         first_round += rounds
     if filter_runs:
         payload["vxlan_filter_cost"] = {
-            "mode": "udp", "pair": filter_runs["pair"],
+            "pair": filter_runs["pair"],
             "with_filter": summary(filter_runs["with_filter"]), "without_filter": summary(filter_runs["without_filter"]),
             "with_filter_runs": filter_runs["with_filter"], "without_filter_runs": filter_runs["without_filter"]}
     results = {}
@@ -318,9 +321,7 @@ def run(results_dir, options: ThroughputOptions | None = None, progress: Progres
                                       for lab in payload["labs"]}
         results[mode] = {"paths": per_path, "ratios": ratios, "ratios_by_lab": by_lab}
     payload["results"] = results
-    target_pair = "container/handmade_container" if "container/handmade_container" in results[MODES[0]]["ratios"] \
-        else "overlay/handmade"
-    payload["target"] = target_verdict(samples, target_pair)
+    payload["target"] = target_verdict(samples, "/".join(target_pair(payload["paths"])))
     payload["finished"] = now_iso()
     path = write_result(results_dir, "throughput", payload)
     progress(f"wrote {path}")
