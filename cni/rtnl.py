@@ -9,8 +9,10 @@ that Python time was most of an ADD, and under a burst it turned into a convoy. 
 ADD, DEL or CHECK sends have fixed, simple layouts (ifinfomsg, ifaddrmsg, rtmsg and a few
 attributes), so they are packed here with `struct`, as overlay.kernel does for peers.
 
-Only `cni.links` uses this module (it is the CNI side's one netlink boundary): it gets raw
-errnos here (`NetlinkFailure`) and translates them into domain exceptions.
+On the CNI side only `cni.links` uses this module (its one netlink boundary): it gets raw errnos
+here (`NetlinkFailure`) and translates them into domain exceptions. The daemon shares the framing
+and attribute codec (overlay.kernel for its peer objects, overlay.firewall for the nftables
+generation), so there is one netlink codec in the project.
 
 - `RtnlSocket(netns_fd)` opens a NETLINK_ROUTE socket in the namespace `netns_fd` (or in the
   calling thread's own, for None). A netlink socket stays bound to the namespace it was created

@@ -41,14 +41,14 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 from . import firewall, sdnotify
 from .config import NetworkConfig, parse_config
 from .claimhook import ClaimFollower, ClaimGranter, ClaimHook, ClaimKeeper
-from .dataplane import (DataplaneState, DesiredTracker, Neighbour, Plan, Route, Underlay, _address_key, plan,
+from .dataplane import (DataplaneState, DesiredTracker, Neighbour, Plan, Route, Underlay, plan,
                         vtep_mac)
 from .errors import (ConfigError, LeaseLost, OverlayError, StoreError, StoreUnavailable,
                      SubnetsExhausted, WatchCompacted)
@@ -100,9 +100,9 @@ class Daemon:
         self.dirty = asyncio.Event()
         self.moves = ClaimFollower(self.store, self._claims_changed)
         self.keeper = ClaimKeeper(self.store, self.moves, settings.run_dir,
-                                  lambda: None if self.lease_lost.is_set() else self.own, lambda: self.peers)
+                                  self._live_own, lambda: self.peers)
         self.granter = ClaimGranter(self.store, self.moves, settings.run_dir,
-                                    lambda: None if self.lease_lost.is_set() else self.own)
+                                    self._live_own)
         self._announced: frozenset[IPv4Address] = frozenset()   # moved-away addresses told to the bridge
         self.lease_lost = asyncio.Event()
         self.stopping = asyncio.Event()
@@ -410,8 +410,7 @@ class Daemon:
         claims = self.moves.claims
         moved = (moved_routes(tracker.state().routes, self.own, self.peers.values(), claims.values())
                  if claims else frozenset())
-        desired = DataplaneState(tracker.device, tracker.state().neighbours, tracker.state().fdb,
-                                 tracker.state().routes | moved) if moved else None
+        desired = replace(tracker.state(), routes=tracker.state().routes | moved) if moved else None
         suspect, self._kernel_known = not self._kernel_known, False   # stays False unless this run succeeds
         filter_known, self._filter_known = self._filter_known, False
         suspicions = self._suspicions
@@ -427,8 +426,7 @@ class Daemon:
                 else:
                     actual = tracker.committed_state()
                     if self._moved_believed:
-                        actual = DataplaneState(actual.device, actual.neighbours, actual.fdb,
-                                                actual.routes | self._moved_believed)
+                        actual = replace(actual, routes=actual.routes | self._moved_believed)
                 changes = plan(desired, actual)
             # Also at a resync the filter is changed by difference when it is known: the update
             # checks the nftables generation, and any commit since our last one (drift in the
@@ -441,7 +439,7 @@ class Daemon:
                     log.info("%s", line)
                 self.status.changes_applied += len(described)
             if (not changes.empty or suspect or whole_filter or added or removed
-                    or changes.create_device is not None or not self.status.data_plane_ready):
+                    or not self.status.data_plane_ready):
                 await self._in_netlink_thread(self._program, changes, suspect, whole_filter, tracker, added,
                                               removed)
             self._filter_known = True
@@ -488,6 +486,10 @@ class Daemon:
             self._sync_vxlan_filter(tracker.sources())
         elif added or removed or suspect:
             self._update_vxlan_filter(tracker, added, removed)
+
+    def _live_own(self) -> Lease | None:
+        """Our lease, or None once it is lost (claims are made and decided only with a live one)."""
+        return None if self.lease_lost.is_set() else self.own
 
     def _track_leases(self) -> DesiredTracker:
         """The desired state brought up to date with the leases changed since the last call: a
@@ -573,7 +575,7 @@ class Daemon:
             log.warning("CNI service not available: the plugin will work in its slow, standalone mode")
             return None
         hook = ClaimHook(asyncio.get_running_loop(), self.store,
-                         lambda: None if self.lease_lost.is_set() else self.own,
+                         self._live_own,
                          self.moves, self._claims_changed, lambda: self.peers)
         service = CniService(self.settings.run_dir, claims=hook)
         service.start()
@@ -701,25 +703,12 @@ class Daemon:
 def _all_as_expected(changes: list[KernelChange], expected: DataplaneState | DesiredTracker) -> bool:
     """Whether netlink events say only what `expected` holds: objects of it present, objects not
     in it gone. (A gone neighbour is known by its address alone.)"""
-    if isinstance(expected, DesiredTracker):
-        for change in changes:
-            item = change.item
-            if isinstance(item, Neighbour) and not change.present:
-                if expected.wants_neighbour_at(item.ip):
-                    return False
-            elif expected.wants(item) != change.present:
-                return False
-        return True
     for change in changes:
         item = change.item
         if isinstance(item, Neighbour) and not change.present:
-            # The state's address keys, worked out once per state (not per event).
-            if _address_key(item.ip) in expected._keys("neighbours")[0]:
+            if expected.wants_neighbour_at(item.ip):
                 return False
-            continue
-        held = (expected.routes if isinstance(item, Route) else
-                expected.neighbours if isinstance(item, Neighbour) else expected.fdb)
-        if (item in held) != change.present:
+        elif expected.wants(item) != change.present:
             return False
     return True
 

@@ -157,6 +157,16 @@ class DataplaneState:
     fdb: frozenset[FdbEntry] = frozenset()
     routes: frozenset[Route] = frozenset()
 
+    def wants(self, item: "Route | Neighbour | FdbEntry") -> bool:
+        """Whether the state holds this route, neighbour or FDB entry (as DesiredTracker.wants)."""
+        held = (self.routes if isinstance(item, Route) else
+                self.neighbours if isinstance(item, Neighbour) else self.fdb)
+        return item in held
+
+    def wants_neighbour_at(self, ip: IPv4Address) -> bool:
+        """Whether the state holds a neighbour (any MAC) at this address."""
+        return _address_key(ip) in self._keys("neighbours")[0]
+
     def _keys(self, attribute: str) -> tuple[frozenset, bool]:
         """The match keys of the routes or neighbours, and whether no two share one; worked
         out on first use and kept, as the state is immutable (not a field: equality ignores it)."""
@@ -468,7 +478,7 @@ class DesiredTracker:
             raise ValueError(f"lease of {lease.subnet} given for {subnet}")
         was = self._made.pop(subnet, None)
         if was is not None:
-            self._withdraw(subnet, old, *was)
+            self._withdraw(subnet, *was)
         if lease is None:
             self._leases.pop(subnet, None)
         else:
@@ -506,7 +516,7 @@ class DesiredTracker:
             self._source_count[source] = self._source_count.get(source, 0) + 1
             self._sources = None
 
-    def _withdraw(self, subnet, lease, route, neighbour, fdb, source) -> None:
+    def _withdraw(self, subnet, route, neighbour, fdb, source) -> None:
         if route is not None:
             self._routes_then.setdefault(subnet, self._routes.get(subnet))
             del self._routes[subnet]
@@ -551,8 +561,7 @@ class DesiredTracker:
             return
         winner = max(candidates.values(), key=_fdb_rank) if len(candidates) > 1 else next(iter(candidates.values()))
         entry = self._made[winner.subnet][2]
-        if self._fdb.get(mac) != entry:
-            self._fdb[mac] = entry
+        self._fdb[mac] = entry
 
     def commit(self) -> None:
         """The kernel now holds the current state: later plans start from here."""

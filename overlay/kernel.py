@@ -72,6 +72,7 @@ from cni.rtnl import attributes as _attributes
 from cni.rtnl import ext_ack_text as _ext_ack_message
 from cni.rtnl import mac_bytes as _mac_bytes
 from cni.rtnl import mac_text as _mac_text
+from cni.rtnl import link_dump_header
 from cni.rtnl import messages as _messages
 
 from .dataplane import DataplaneState, FdbEntry, Neighbour, Plan, Route, Underlay, VxlanDevice
@@ -532,7 +533,7 @@ class Kernel:
         """Index -> name of every device, from a dump on our own socket (pyroute2 decodes every
         attribute of every link, ~1 ms; this reads the name only)."""
         names = {}
-        for body in self._dump(RTM_GETLINK, _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0), "list devices"):
+        for body in self._dump(RTM_GETLINK, link_dump_header(), "list devices"):   # without the stats
             name = _attributes(body, _IFINFOMSG.size).get(IFLA_IFNAME)
             if name is not None:
                 names[_IFINFOMSG.unpack_from(body)[2]] = name.rstrip(b"\0").decode(errors="replace")
