@@ -102,8 +102,6 @@ class ClaimHook:
         grant = initial_grant(address, own, self._leases())
         attrs = self._attrs(own, container_id, grant)
         won, holder = self._call(self._store.claim_address(address, attrs, own.lease_id), f"claim {address}")
-        if not won and holder is not None and holder.lease_id == own.lease_id and holder.attrs.same_attachment(attrs):
-            won = True   # ours already, decided or not: a repeated ADD, or the keeper's claim
         if not won:
             who = holder.describe() if holder is not None else f"{address} is claimed by another host"
             raise AddressUnavailable(f"{who}: it is free again once that container is deleted there (CNI DEL) "

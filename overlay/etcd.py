@@ -593,8 +593,9 @@ class EtcdStore:
         """Claim address for attrs, bound to lease_id (the claimant's subnet lease).
 
         Txn If(version==0) Then(put) Else(range): (True, our claim) when created, or when it is
-        already ours (same value, same lease: a repeated ADD, or a retried attempt that landed);
-        else (False, the holder's claim; None if unreadable). LeaseLost when lease_id is gone.
+        already ours (same lease, same host and container, whatever the origin decided since: a
+        repeated ADD, the keeper's claim, or a retried attempt that landed); else (False, the
+        holder's claim; None if unreadable). LeaseLost when lease_id is gone.
         """
         key = claim_key(self._prefix, address).encode()
         value = attrs.to_json().encode()
@@ -612,7 +613,7 @@ class EtcdStore:
             if not kvs:
                 return False, None   # deleted between the compare and the range: cannot happen in one txn
             holder = _claim_from_kv(kvs[0], self._prefix)
-            if kvs[0].lease == lease_id and kvs[0].value == value:
+            if kvs[0].lease == lease_id and holder is not None and holder.attrs.same_attachment(attrs):
                 return True, holder
             return False, holder
         return await self._request(f"claim {address}", attempt)

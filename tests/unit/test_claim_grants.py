@@ -216,7 +216,7 @@ class FakeStore:
     async def claim_address(self, address, attrs, lease_id):
         held = self.claims.get(address)
         if held is not None:
-            return held.lease_id == lease_id and held.attrs == attrs, held
+            return held.lease_id == lease_id and held.attrs.same_attachment(attrs), held
         self._put(Claim(address, attrs, lease_id), address)
         return True, self.claims[address]
 
