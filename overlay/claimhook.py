@@ -50,6 +50,7 @@ import time
 from ipaddress import IPv4Address, IPv4Network
 from typing import Callable, Mapping
 
+from cni.allocator import AllocationStore, store_dir
 from cni.errors import AddressUnavailable, ServiceUnavailable, StateFailure
 
 from .claims import Claim, ClaimAttrs, Grant
@@ -66,14 +67,10 @@ GRANT_REREAD_S = 1.0    # a fresh read of the claim this often while waiting (a 
 _WITHDRAW_ATTEMPTS = 3
 
 
-def _no_leases() -> Mapping[IPv4Network, Lease]:
-    return {}
-
-
 class ClaimHook:
     def __init__(self, loop: asyncio.AbstractEventLoop, store: EtcdStore, own: Callable[[], Lease | None],
-                 follower: "ClaimFollower", changed: Callable[[], None] = lambda: None,
-                 leases: Callable[[], Mapping[IPv4Network, Lease]] = _no_leases):
+                 follower: "ClaimFollower", changed: Callable[[], None] = lambda: None, *,
+                 leases: Callable[[], Mapping[IPv4Network, Lease]]):
         self._loop = loop
         self._store = store
         self._own = own            # our lease, or None while it is being (re-)acquired
@@ -315,7 +312,6 @@ class ClaimGranter:
     retry_after = 1.0
 
     def __init__(self, store: EtcdStore, follower: ClaimFollower, run_dir, own: Callable[[], Lease | None]):
-        from cni.allocator import AllocationStore, store_dir
         self.store = store
         self.follower = follower
         self.records = AllocationStore(store_dir(run_dir))
@@ -408,7 +404,7 @@ class ClaimKeeper:
     interval = 10.0
 
     def __init__(self, store: EtcdStore, follower: ClaimFollower, run_dir, own: Callable[[], Lease | None],
-                 leases: Callable[[], Mapping[IPv4Network, Lease]] = _no_leases):
+                 leases: Callable[[], Mapping[IPv4Network, Lease]]):
         self.store = store
         self.follower = follower
         self.run_dir = run_dir
@@ -467,7 +463,6 @@ class ClaimKeeper:
                     log.info("withdrew the claim on %s: no container here has it any more", address)
 
     def _recorded(self) -> dict[IPv4Address, str] | None:
-        from cni.allocator import AllocationStore, store_dir
         try:
             state = AllocationStore(store_dir(self.run_dir)).read()
         except Exception as exc:   # StateFailure and anything else: the records are not usable

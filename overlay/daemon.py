@@ -576,7 +576,7 @@ class Daemon:
             return None
         hook = ClaimHook(asyncio.get_running_loop(), self.store,
                          self._live_own,
-                         self.moves, self._claims_changed, lambda: self.peers)
+                         self.moves, self._claims_changed, leases=lambda: self.peers)
         service = CniService(self.settings.run_dir, claims=hook)
         service.start()
         service.set_ready(True)
