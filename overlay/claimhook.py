@@ -61,6 +61,18 @@ from .moves import Decision, decide_claims, initial_grant, is_own_claim, origin_
 
 log = logging.getLogger("overlayd.claims")
 
+
+async def woken(wake: asyncio.Event, interval: float) -> bool:
+    """Wait for `wake` or for `interval` (less up to a fifth, so hosts drift apart), then clear
+    it: True when woken, False when the interval ran out."""
+    try:
+        await asyncio.wait_for(wake.wait(), interval * random.uniform(0.8, 1.0))
+        woke = True
+    except asyncio.TimeoutError:
+        woke = False
+    wake.clear()
+    return woke
+
 CALL_TIMEOUT_S = 15.0   # above the store's own request budget (5 s): it gives up first
 GRANT_TIMEOUT_S = 5.0   # how long an ADD waits for the origin's decision
 GRANT_REREAD_S = 1.0    # a fresh read of the claim this often while waiting (a stalled watch)
@@ -323,11 +335,8 @@ class ClaimGranter:
 
     async def run(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self.wake.wait(), self.interval * random.uniform(0.8, 1.0))
-            except asyncio.TimeoutError:
+            if not await woken(self.wake, self.interval):
                 self._reservations = self._decided_on = None   # the safety net reads the records again
-            self.wake.clear()
             try:
                 complete = await self.sync_once()
             except (StoreUnavailable, StateFailure) as exc:
@@ -415,11 +424,7 @@ class ClaimKeeper:
 
     async def run(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self.wake.wait(), self.interval * random.uniform(0.8, 1.0))
-            except asyncio.TimeoutError:
-                pass
-            self.wake.clear()
+            await woken(self.wake, self.interval)
             try:
                 await self.sync_once()
             except StoreUnavailable as exc:

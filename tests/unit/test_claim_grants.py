@@ -450,3 +450,16 @@ def test_the_keeper_claims_again_pending_and_withdraws_decided_claims_nobody_wan
     on(loop, store.settle_claim(store.claims[stale.address], stale.attrs.decided(Grant.REFUSED, "in use")))
     on(loop, keeper.sync_once())
     assert set(store.claims) == {IPv4Address("10.244.1.9")}
+
+
+def test_woken_tells_a_wake_up_from_the_interval_running_out_and_clears_the_event():
+    async def body():
+        wake = asyncio.Event()
+        wake.set()
+        woke = await claimhook.woken(wake, 60.0)       # set before: returns at once
+        cleared = not wake.is_set()
+        ran_out = await claimhook.woken(wake, 0.05)    # nobody sets it
+        asyncio.get_running_loop().call_later(0.01, wake.set)
+        woke_later = await claimhook.woken(wake, 60.0)
+        return woke, cleared, ran_out, woke_later, wake.is_set()
+    assert asyncio.run(asyncio.wait_for(body(), 30)) == (True, True, False, True, False)
