@@ -55,7 +55,7 @@ from cni.errors import AddressUnavailable, ServiceUnavailable, StateFailure
 
 from .claims import Claim, ClaimAttrs, Grant
 from .errors import LeaseLost, StoreError, StoreUnavailable, WatchCompacted
-from .etcd import ClaimEvent, EtcdStore
+from .etcd import ClaimEvent, EtcdStore, listing_not_older
 from .lease import Lease
 from .moves import Decision, decide_claims, initial_grant, is_own_claim, origin_of, reserved_in
 
@@ -248,7 +248,8 @@ class ClaimFollower:
             self._moved.notify_all()
 
     async def relist(self) -> None:
-        claims, revision = await self.store.list_claims()
+        # Not older than what the watch applied meanwhile (the timer's re-list runs beside it).
+        claims, revision = await listing_not_older(self.store.list_claims, lambda: self.revision)
         fresh = {claim.address: claim for claim in claims}
         changed = fresh != self.claims
         if changed:

@@ -52,7 +52,7 @@ from .dataplane import (DataplaneState, DesiredTracker, Neighbour, Plan, Route, 
                         vtep_mac)
 from .errors import (ConfigError, LeaseLost, OverlayError, StoreError, StoreUnavailable,
                      SubnetsExhausted, WatchCompacted)
-from .etcd import EtcdSettings, EtcdStore, LeaseEvent
+from .etcd import EtcdSettings, EtcdStore, LeaseEvent, listing_not_older
 from .health import DaemonStatus, serve_health
 from .kernel import Kernel, KernelChange
 from .lease import DEFAULT_PREFIX, Lease, LeaseAttrs, choose_subnet
@@ -639,15 +639,8 @@ class Daemon:
                 self.dirty.set()
 
     async def _relist(self) -> None:
-        for _ in range(3):
-            leases, revision = await self.store.list_leases()
-            # The timer's re-list runs beside the watch, which may have applied an event newer
-            # than this listing while it was on its way: applying the listing would undo that
-            # event, and the watch, already past it, would never repeat it. Read again (a read
-            # begun after the event is at least as new; only an etcd restored from an older
-            # backup stays behind, and then the listing is all there is to trust).
-            if revision >= self.revision:
-                break
+        # Not older than what the watch applied meanwhile (the timer's re-list runs beside it).
+        leases, revision = await listing_not_older(self.store.list_leases, lambda: self.revision)
         self.status.store_reachable = True
         own_subnet = self.own.subnet if self.own else None
         mine = next((lease for lease in leases if lease.subnet == own_subnet), None)

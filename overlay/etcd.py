@@ -317,6 +317,24 @@ def prefix_end(prefix: bytes) -> bytes:
     return b"\x00"  # every key
 
 
+async def listing_not_older(list_call: Callable[[], Awaitable[tuple[list[T], int]]], applied: Callable[[], int],
+                            attempts: int = 3) -> tuple[list[T], int]:
+    """A listing (items, revision) not older than `applied()`, the revision its watch has applied
+    by the time the listing arrives, if `attempts` reads get one.
+
+    A periodic re-list runs beside its watch, which may apply an event newer than a listing still
+    on its way: applying that listing would undo the event, and the watch, already past it,
+    would never repeat it. A read begun after the event is at least as new, so this reads again;
+    only an etcd restored from an older backup stays behind, and then its listing is all there
+    is to trust (the last one read is returned).
+    """
+    for _ in range(attempts):
+        items, listed = await list_call()
+        if listed >= applied():
+            break
+    return items, listed
+
+
 # -------------------------------------------------------------------- connections
 
 class _Connection:

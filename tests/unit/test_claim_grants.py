@@ -463,3 +463,39 @@ def test_woken_tells_a_wake_up_from_the_interval_running_out_and_clears_the_even
         woke_later = await claimhook.woken(wake, 60.0)
         return woke, cleared, ran_out, woke_later, wake.is_set()
     assert asyncio.run(asyncio.wait_for(body(), 30)) == (True, True, False, True, False)
+
+
+class HeldBackListing:
+    """list_claims answered from a script; the first answer held back until released, as a reply
+    still on its way while the watch delivers."""
+
+    def __init__(self, *listings):
+        self.listings = list(listings)
+        self.read, self.deliver = asyncio.Event(), asyncio.Event()
+        self.calls = 0
+
+    async def list_claims(self):
+        self.calls += 1
+        answer = self.listings.pop(0)
+        if self.calls == 1:
+            self.read.set()
+            await self.deliver.wait()
+        return answer
+
+
+def test_a_claims_listing_older_than_an_event_the_watch_applied_meanwhile_does_not_undo_it():
+    granted = claim("10.244.1.9", PEER_A, revision=5)
+
+    async def scenario():
+        # Read at revision 4, before the origin's grant at revision 5; then a fresh listing.
+        store = HeldBackListing(([], 4), ([granted], 5))
+        follower = ClaimFollower(store, lambda: None)
+        follower.revision = follower.listed_revision = 4
+        relist = asyncio.create_task(follower.relist())
+        await store.read.wait()
+        follower.apply(ClaimEvent(granted.address, granted, 5))   # the watch: granted
+        store.deliver.set()
+        await relist
+        return follower, store.calls
+    follower, calls = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert follower.claims == {granted.address: granted} and follower.revision == 5 and calls == 2
