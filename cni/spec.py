@@ -38,13 +38,14 @@ LATEST_VERSION = "1.1.0"
 COMMANDS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
 # CHECK arrived with 0.4.0, GC and STATUS with 1.1.0; libcni never sends them to older configs.
 _MIN_VERSION = {"CHECK": "0.4.0", "GC": "1.1.0", "STATUS": "1.1.0"}
-# Environment each command requires (CNI 1.1.0, section 2); DEL tolerates a missing CNI_NETNS.
+# Environment each command requires (CNI 1.1.0, section 2): DEL tolerates a missing CNI_NETNS,
+# and CNI_PATH is optional for all but GC (we run no delegate plugins).
 _REQUIRED_ENV = {
-    "ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
-    "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
-    "DEL": ("CNI_CONTAINERID", "CNI_IFNAME", "CNI_PATH"),
+    "ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
+    "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
+    "DEL": ("CNI_CONTAINERID", "CNI_IFNAME"),
     "GC": ("CNI_PATH",),
-    "STATUS": ("CNI_PATH",),
+    "STATUS": (),
 }
 
 DEFAULT_RUN_DIR = "/run/overlay"
@@ -250,7 +251,9 @@ def parse_invocation(environ, stdin) -> Invocation:
     minimum = _MIN_VERSION.get(command)
     if minimum and version_tuple(version) < version_tuple(minimum):
         raise IncompatibleVersion(f"{command} needs cniVersion {minimum} or later, the config says {version}")
-    requested = _requested_ip(config, env["args"])
+    # Only ADD uses it; a DEL must not fail on what made the ADD fail (the runtime cleans up
+    # after a failed ADD with a DEL of the same config and arguments).
+    requested = _requested_ip(config, env["args"]) if command == "ADD" else None
     return Invocation(command=command, version=version, requested_ip=requested, **env, **fields)
 
 

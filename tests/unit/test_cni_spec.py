@@ -76,7 +76,7 @@ def test_bad_config(stdin, error):
 
 @pytest.mark.parametrize("changes", [
     {"CNI_COMMAND": None}, {"CNI_COMMAND": "ATTACH"}, {"CNI_CONTAINERID": None}, {"CNI_NETNS": None},
-    {"CNI_IFNAME": None}, {"CNI_PATH": None}, {"CNI_CONTAINERID": "-starts-with-dash"},
+    {"CNI_IFNAME": None}, {"CNI_CONTAINERID": "-starts-with-dash"},
     {"CNI_CONTAINERID": "has space"}, {"CNI_IFNAME": "way-too-long-name"}, {"CNI_IFNAME": "a:b"},
     {"CNI_IFNAME": ".."}, {"CNI_NETNS": "relative/path"}, {"CNI_ARGS": "novalue"}, {"CNI_ARGS": "=v"},
 ])
@@ -92,6 +92,22 @@ def test_del_does_not_need_netns_and_gc_status_need_only_path():
     gc = spec.parse_invocation(dict(bare, CNI_COMMAND="GC"),
                                conf(**{"cni.dev/valid-attachments": [{"containerID": "a", "ifname": "eth0"}]}))
     assert gc.valid_attachments == frozenset({("a", "eth0")})
+    with pytest.raises(InvalidEnvironment):
+        spec.parse_invocation({"CNI_COMMAND": "GC"}, conf(**{"cni.dev/valid-attachments": []}))
+
+
+@pytest.mark.parametrize("command", ["ADD", "CHECK", "DEL", "STATUS"])
+def test_cni_path_is_optional_but_for_gc(command):
+    assert spec.parse_invocation(env(CNI_COMMAND=command, CNI_PATH=None), conf()).path == ()
+
+
+@pytest.mark.parametrize("changes", [{"CNI_ARGS": "IP=10.244.3"},
+                                     {"CNI_ARGS": "IP=fd00::7"}])
+def test_a_del_is_not_refused_for_the_requested_address_that_made_its_add_fail(changes):
+    with pytest.raises((InvalidEnvironment, InvalidNetworkConfig)):
+        spec.parse_invocation(env(**changes), conf())
+    deleting = spec.parse_invocation(env(CNI_COMMAND="DEL", **changes), conf())
+    assert deleting.command == "DEL" and deleting.requested_ip is None
 
 
 def test_gc_accepts_the_early_attachments_spelling_and_refuses_no_list():
