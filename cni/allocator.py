@@ -305,6 +305,14 @@ def decode_state(text: str) -> PoolState:
 
 # --------------------------------------------------------------------------- the store
 
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until all of data is written: a nearly full file system takes part of a write
+    without an error, and a short file renamed over the records would lose every allocation."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class AllocationStore:
     """The allocation file under an exclusive lock. Use:
 
@@ -420,7 +428,7 @@ class AllocationStore:
         tmp = self.directory / f".{_BOOT_FILE}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, _boot_id().encode() + b"\n")
+            write_all(fd, _boot_id().encode() + b"\n")
         finally:
             os.close(fd)
         os.replace(tmp, self.directory / _BOOT_FILE)
@@ -513,7 +521,7 @@ class _Transaction:
                 self.store._mark_boot()
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
-                os.write(fd, data)
+                write_all(fd, data)
                 if boot is None:
                     os.fsync(fd)
             finally:

@@ -41,6 +41,7 @@ from pathlib import Path
 import click
 
 from cni import spec
+from cni.allocator import write_all
 
 PLUGIN_TYPE = "overlay"
 CONF_FILE_NAME = "10-overlay.conflist"
@@ -78,7 +79,7 @@ def _write_atomically(path: Path, text: str, mode: int) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.write(fd, text.encode())
+        write_all(fd, text.encode())
         os.fsync(fd)
     finally:
         os.close(fd)

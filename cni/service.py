@@ -351,7 +351,14 @@ class Attacher:
 
     def delete(self, inv: spec.Invocation) -> str:
         key = AttachmentKey(inv.name, inv.container_id, inv.ifname)
-        allocation = self.store.lookup(key)
+        try:
+            allocation = self.store.lookup(key)
+        except StateFailure:
+            # The records cannot be read: the veth still goes (by the name ADD gives it), and the
+            # DEL fails so that the runtime tries again once the records are readable.
+            with host_links() as host:
+                host.delete(host_ifname(inv.container_id, inv.ifname))
+            raise
         host_name = allocation.host_ifname if allocation is not None else host_ifname(inv.container_id, inv.ifname)
         with host_links() as host:
             host.delete(host_name)     # absent is fine: DEL is idempotent

@@ -237,6 +237,24 @@ def test_del_is_idempotent_and_tolerant(host, containers):
     assert not [a for a in allocations(service.run_dir) if a["containerID"] == "gone"]
 
 
+def test_del_with_unreadable_records_still_unplugs_and_fails_until_they_are_readable(host, containers):
+    host_ns, service, plugin = host
+    config = plugin.config()
+    path = containers("records")
+    assert plugin.run("ADD", config, "records", path)[0] == 0
+    records = service.run_dir / "cni-ipam" / "allocations.json"
+    kept = records.read_bytes()
+    try:
+        records.write_bytes(kept[: len(kept) // 2])   # a short file, as a full disk leaves one
+        status, error = plugin.run("DEL", config, "records", path)
+        assert status != 0 and error["code"] == 5, error     # the runtime will try again
+        assert host_ifname("records", "eth0") not in host_veths(host_ns)
+    finally:
+        records.write_bytes(kept)
+    assert plugin.run("DEL", config, "records", path) == (0, None)
+    assert not [a for a in allocations(service.run_dir) if a["containerID"] == "records"]
+
+
 def test_del_of_an_older_container_never_unplugs_a_newer_one(host, containers):
     _, _, plugin = host
     config = plugin.config()

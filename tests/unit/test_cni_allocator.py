@@ -337,3 +337,21 @@ def test_records_without_a_marker_are_trusted_and_then_marked(tmp_path):
     (directory / "allocations.json").write_text("{")
     with pytest.raises(StateFailure):
         AllocationStore(directory).read()
+
+
+def test_records_are_written_whole_when_the_kernel_takes_a_write_in_pieces(tmp_path, monkeypatch):
+    import cni.allocator as allocator
+    real_write = os.write
+    pieces = []
+
+    def short_write(fd, data):
+        pieces.append(len(data))
+        return real_write(fd, bytes(data[:100]))   # a nearly full file system takes part of it
+    monkeypatch.setattr(allocator.os, "write", short_write)
+    store = AllocationStore(store_dir(tmp_path))
+    subnet = IPv4Network("10.244.3.0/24")
+    for n in range(20):
+        key = AttachmentKey("net", f"c{n}", "eth0")
+        store.update(lambda state: allocate(state, key, subnet, subnet.network_address + 1, f"ovlv{n}", "/x")[:2])
+    monkeypatch.setattr(allocator.os, "write", real_write)
+    assert len(pieces) > 20 and len(AllocationStore(store_dir(tmp_path)).read().allocations) == 20
