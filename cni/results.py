@@ -31,7 +31,12 @@ class Attachment:
     gateway: IPv4Address
 
 
-def add_result(version: str, attachment: Attachment, dns: dict | None) -> dict:
+def add_result(version: str, attachment: Attachment, dns: dict | None, prev_result: dict | None = None) -> dict:
+    """ADD's result. Behind another plugin in a chain, the previous result is passed on with
+    ours appended (the spec: a plugin must pass prevResult through, modify or suppress it, never
+    ignore it): its interfaces first, so our address names our interface by its new index."""
+    prev = prev_result if isinstance(prev_result, dict) else {}
+    earlier = [item for item in _list(prev, "interfaces") if isinstance(item, dict)]
     major_one = version_tuple(version) >= (1, 0, 0)
     with_mtu = version_tuple(version) >= (1, 1, 0)
     host = {"name": attachment.host_ifname, "mac": attachment.host_mac}
@@ -39,16 +44,21 @@ def add_result(version: str, attachment: Attachment, dns: dict | None) -> dict:
     if with_mtu:
         host["mtu"] = attachment.mtu
         container["mtu"] = attachment.mtu
-    ip = {"address": str(attachment.address), "gateway": str(attachment.gateway), "interface": 1}
+    ip = {"address": str(attachment.address), "gateway": str(attachment.gateway), "interface": len(earlier) + 1}
     if not major_one:
         ip = {"version": "4", **ip}
     return {
         "cniVersion": version,
-        "interfaces": [host, container],
-        "ips": [ip],
-        "routes": [{"dst": "0.0.0.0/0", "gw": str(attachment.gateway)}],
-        "dns": dict(dns) if dns else {},
+        "interfaces": earlier + [host, container],
+        "ips": _list(prev, "ips") + [ip],
+        "routes": _list(prev, "routes") + [{"dst": "0.0.0.0/0", "gw": str(attachment.gateway)}],
+        "dns": dict(dns) if dns else dict(prev["dns"]) if isinstance(prev.get("dns"), dict) else {},
     }
+
+
+def _list(result: dict, field: str) -> list:
+    value = result.get(field)
+    return list(value) if isinstance(value, list) else []
 
 
 def expected_in_prev_result(prev_result: dict | None, ifname: str, sandbox: str, address: IPv4Interface) -> None:

@@ -199,7 +199,7 @@ class Attacher:
                 raise
         finally:
             os.close(netns_fd)
-        return spec.dumps(add_result(inv.version, attachment, inv.dns))
+        return spec.dumps(add_result(inv.version, attachment, inv.dns, inv.prev_result))
 
     def _take_back(self, address: IPv4Address, take):
         """Allocate a requested address of our pool that the records hold reserved for a claim
@@ -289,7 +289,7 @@ class Attacher:
             os.close(netns_fd)
         log.info("attached %s to container %s with the address it keeps from another host's subnet",
                  address, inv.container_id[:12])
-        return spec.dumps(add_result(inv.version, attachment, inv.dns))
+        return spec.dumps(add_result(inv.version, attachment, inv.dns, inv.prev_result))
 
     def _withdraw_quietly(self, address: IPv4Address, container_id: str) -> None:
         try:

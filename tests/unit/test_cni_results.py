@@ -37,6 +37,25 @@ def test_1_0_drops_ip_version_and_1_1_adds_mtu():
     assert [i["mtu"] for i in eleven["interfaces"]] == [1450, 1450]
 
 
+def test_add_behind_another_plugin_passes_its_result_on_with_ours_appended():
+    earlier = {"cniVersion": "1.1.0", "interfaces": [{"name": "net0", "sandbox": "/run/netns/c1"}],
+               "ips": [{"address": "192.0.2.7/24", "interface": 0}],
+               "routes": [{"dst": "192.0.2.0/24"}], "dns": {"nameservers": ["192.0.2.53"]}}
+    result = add_result("1.1.0", ATTACHMENT, None, earlier)
+    assert [i["name"] for i in result["interfaces"]] == ["net0", "ovlv0123456789a", "eth0"]
+    assert result["ips"] == [{"address": "192.0.2.7/24", "interface": 0},
+                             {"address": "10.244.3.5/24", "gateway": "10.244.3.1", "interface": 2}]
+    assert result["routes"] == [{"dst": "192.0.2.0/24"}, {"dst": "0.0.0.0/0", "gw": "10.244.3.1"}]
+    assert result["dns"] == {"nameservers": ["192.0.2.53"]}    # ours when we have one
+    assert add_result("1.1.0", ATTACHMENT, {"nameservers": ["10.0.0.10"]}, earlier)["dns"] == {
+        "nameservers": ["10.0.0.10"]}
+    assert earlier["interfaces"] == [{"name": "net0", "sandbox": "/run/netns/c1"}]   # not modified in place
+    # Fields that are not lists are left out, not trusted.
+    odd = add_result("1.1.0", ATTACHMENT, None, {"interfaces": "net0", "ips": None, "dns": "x"})
+    assert odd == add_result("1.1.0", ATTACHMENT, None)
+    expected_in_prev_result(result, "eth0", "/run/netns/c1", ATTACHMENT.address)   # CHECK accepts it
+
+
 def test_prev_result_must_list_our_interface_and_address():
     prev = add_result("1.1.0", ATTACHMENT, None)
     expected_in_prev_result(prev, "eth0", "/run/netns/c1", ATTACHMENT.address)
