@@ -271,7 +271,9 @@ class ClaimFollower:
             except WatchCompacted:
                 log.warning("claims watch from revision %d compacted: re-listing the claims", self.revision + 1)
                 await self._relist_quietly()
-            except StoreUnavailable as exc:
+            except (StoreUnavailable, StoreError) as exc:
+                # StoreError: etcd refused the watch itself (say, permissions): retry, say why,
+                # as the lease watch does; no reason to end the daemon.
                 log.warning("etcd watch of the claims interrupted: %s; resuming from revision %d", exc,
                             self.revision + 1)
                 await asyncio.sleep(pause * random.uniform(0.8, 1.2))
@@ -309,7 +311,9 @@ class ClaimFollower:
         try:
             await self.relist()
         except StoreUnavailable:
-            pass
+            pass   # the watch's own retry says so
+        except StoreError as exc:
+            log.warning("re-listing the claims failed: %s; the watch will try again", exc)
 
 
 class ClaimGranter:
@@ -340,7 +344,7 @@ class ClaimGranter:
                 self._reservations = self._decided_on = None   # the safety net reads the records again
             try:
                 complete = await self.sync_once()
-            except (StoreUnavailable, StateFailure) as exc:
+            except (StoreUnavailable, StoreError, StateFailure) as exc:
                 log.warning("could not decide on the claims of this host's addresses: %s", exc)
                 complete = False
             if not complete:
@@ -428,7 +432,8 @@ class ClaimKeeper:
             await woken(self.wake, self.interval)
             try:
                 await self.sync_once()
-            except StoreUnavailable as exc:
+            except (StoreUnavailable, StoreError) as exc:
+                # StoreError too (etcd out of space refuses writes): the next round tries again.
                 log.warning("could not bring this host's claims in line: %s", exc)
 
     async def sync_once(self) -> None:

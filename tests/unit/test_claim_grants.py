@@ -22,7 +22,7 @@ from overlay.claimhook import ClaimFollower, ClaimGranter, ClaimHook
 from overlay.claims import Claim, ClaimAttrs, Grant, parse_claim_value
 from overlay.config import parse_config
 from overlay.dataplane import Underlay, desired_state, vtep_mac
-from overlay.errors import ClaimParseError
+from overlay.errors import ClaimParseError, StoreError
 from overlay.etcd import ClaimEvent
 from overlay.lease import Lease, LeaseAttrs
 from overlay.moves import decide_claims, initial_grant, moved_routes, origin_of, reserved_in
@@ -499,3 +499,35 @@ def test_a_claims_listing_older_than_an_event_the_watch_applied_meanwhile_does_n
         return follower, store.calls
     follower, calls = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert follower.claims == {granted.address: granted} and follower.revision == 5 and calls == 2
+
+
+class RefusingStore:
+    """etcd answering every request with an error that is not a lost connection."""
+
+    def __init__(self):
+        self.calls = 0
+
+    async def list_claims(self):
+        self.calls += 1
+        raise StoreError("etcdserver: mvcc: database space exceeded")
+
+    async def watch_claims(self, start_revision):
+        self.calls += 1
+        raise StoreError("etcdserver: permission denied")
+        yield   # an async generator, as the store's
+
+
+def test_the_claims_watch_outlives_errors_etcd_answers_with():
+    store = RefusingStore()
+    follower = ClaimFollower(store, lambda: None)
+
+    async def scenario():
+        watching = asyncio.create_task(follower.run())
+        deadline = time.monotonic() + 20
+        while store.calls < 4 and not watching.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)   # poll interval
+        alive = not watching.done()
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
+        return alive
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) and store.calls >= 4
