@@ -105,6 +105,8 @@ class Daemon:
                                     self._live_own)
         self._announced: frozenset[IPv4Address] = frozenset()   # moved-away addresses told to the bridge
         self.lease_lost = asyncio.Event()
+        self.own_ttl = settings.lease_ttl   # the TTL etcd granted our lease (an adopted one keeps its own)
+        self._renewing: asyncio.Task | None = None   # from the moment a lease is held
         self.stopping = asyncio.Event()
         self._last_logged_peers: int | None = None
         self._vxlan_filter_removed = False
@@ -164,6 +166,9 @@ class Daemon:
                 return 0
             return await self._serve()
         finally:
+            if self._renewing is not None:
+                self._renewing.cancel()
+                await asyncio.gather(self._renewing, return_exceptions=True)
             if self.cni is not None:
                 self.cni.close()
             if health is not None:
@@ -190,6 +195,9 @@ class Daemon:
     async def _start(self) -> None:
         self.config = await self._wait_for_config()
         await self._acquire_lease()
+        # Renewing starts now, not once serving: start-up can take long (a first reconcile is
+        # retried until it succeeds) and an adopted lease may have little time left.
+        self._renewing = asyncio.create_task(self._renew_loop(), name="renew")
         backoff = Backoff()
         while True:
             try:
@@ -259,9 +267,9 @@ class Daemon:
                 mine = [lease for lease in leases if lease.attrs.public_ip == attrs.public_ip
                         and self.config.holds(lease.subnet)]
                 for lease in sorted(mine, key=lambda lease: -lease.mod_revision):
-                    adopted = await self._adopt(lease, attrs)
+                    adopted, granted_ttl = await self._adopt(lease, attrs)
                     if adopted is not None:
-                        self._set_own(adopted, "adopted the lease this host already held")
+                        self._set_own(adopted, "adopted the lease this host already held", granted_ttl)
                         break
                 else:
                     taken = {lease.subnet for lease in leases}
@@ -273,7 +281,7 @@ class Daemon:
                         if attempts >= CLAIM_ATTEMPTS:
                             raise OverlayError(f"could not claim a subnet in {attempts} attempts")
                         continue
-                    self._set_own(claimed, "claimed a new lease")
+                    self._set_own(claimed, "claimed a new lease", self.settings.lease_ttl)
                 self.peers = {lease.subnet: lease for lease in leases if lease.subnet != self.own.subnet}
                 # Watch from the listing's revision, not from our own claim's (which is later):
                 # leases other hosts claimed in between are only seen by a watch that starts
@@ -293,20 +301,27 @@ class Daemon:
                 log.warning("etcd unreachable while taking a lease: %s", exc)
                 await asyncio.sleep(backoff.next())
 
-    async def _adopt(self, lease: Lease, attrs: LeaseAttrs) -> Lease | None:
+    async def _adopt(self, lease: Lease, attrs: LeaseAttrs) -> tuple[Lease | None, int]:
+        """The lease, ours again (its attributes brought up to date), and the TTL etcd granted
+        it; (None, 0) when it cannot be had. Adopting renews it: a restart must not let a lease
+        with little time left lapse while the first reconcile runs (its peers would drop their
+        routes to a data plane that still carries traffic)."""
         if not lease.lease_id:
-            return None
-        ttl = await self.store.time_to_live(lease.lease_id)
-        if ttl <= 0:
-            return None
+            return None, 0
+        try:
+            granted_ttl = await self.store.keepalive(lease.lease_id)
+        except LeaseLost:
+            return None, 0
+        if granted_ttl <= 0:
+            return None, 0
         if lease.attrs != attrs:
             log.info("lease %s: announcing %s (was %s)", lease.subnet, attrs, lease.attrs)
             try:
-                return await self.store.update_lease_attrs(lease, attrs)
+                return await self.store.update_lease_attrs(lease, attrs), granted_ttl
             except LeaseLost:
                 log.info("lease %s changed under us while adopting it: claiming instead", lease.subnet)
-                return None
-        return lease
+                return None, 0
+        return lease, granted_ttl
 
     def _previous_subnets(self) -> list[IPv4Network]:
         """The subnet in our subnet file: a host that returns after its lease expired gets it back."""
@@ -315,10 +330,11 @@ class Daemon:
         except (OSError, ValueError):
             return []
 
-    def _set_own(self, lease: Lease, why: str) -> None:
+    def _set_own(self, lease: Lease, why: str, granted_ttl: int) -> None:
         self.own = lease
+        self.own_ttl = granted_ttl
         self.status.subnet = str(lease.subnet)
-        self.status.lease_expires_at = time.monotonic() + self.settings.lease_ttl
+        self.status.lease_expires_at = time.monotonic() + granted_ttl
         log.info("lease %s (public IP %s, VTEP MAC %s, etcd lease %x): %s", lease.subnet,
                  lease.attrs.public_ip, lease.attrs.vtep_mac, lease.lease_id, why)
 
@@ -329,10 +345,9 @@ class Daemon:
         drift = await self._in_netlink_thread(
             self.kernel.watch_drift,
             lambda changes: loop.call_soon_threadsafe(self._on_kernel_changes, changes), None, True)
-        tasks = [asyncio.create_task(coro, name=name) for name, coro in (
+        tasks = [self._renewing] + [asyncio.create_task(coro, name=name) for name, coro in (
             ("reconcile", self._reconcile_loop()),
             ("watch", self._watch_loop()),
-            ("renew", self._renew_loop()),
             ("resync", self._resync_timer()),
             ("relist", self._relist_timer()),
             ("claims", self.moves.run()),
@@ -594,17 +609,19 @@ class Daemon:
                     self._write_subnet_file()
                     if self.cni is not None:
                         self.cni.set_ready(True)
-                async for event in self.store.watch_leases(self.revision + 1):
-                    self.status.store_reachable = True
-                    backoff.reset()
-                    self._on_lease_event(event)
-                    if self.lease_lost.is_set():
-                        break
+                await self._watch_until_lease_lost(backoff)
+            except LeaseLost as exc:
+                # The lease just granted for a claim expired before the claim landed (a short
+                # TTL and a slow etcd): claim again.
+                log.warning("claiming a subnet failed: %s; trying again", exc)
+                await asyncio.sleep(backoff.next())
             except WatchCompacted as exc:
                 log.warning("watch from revision %d compacted (now %d): re-listing every lease",
                             self.revision + 1, exc.compact_revision)
-                # etcd may go away right then: not a broken invariant, the next watch tries again.
-                await self._relist_quietly()
+                # etcd may go away right then: not a broken invariant, the next watch tries again
+                # (after a pause: a watch from the same revision is compacted again).
+                if not await self._relist_quietly():
+                    await asyncio.sleep(backoff.next())
             except (StoreUnavailable, StoreError) as exc:
                 # StoreError: etcd refused the watch itself. Not a broken invariant of ours, so
                 # no reason to take the data plane's supervisor down with it: retry, say why.
@@ -614,6 +631,27 @@ class Daemon:
                 await asyncio.sleep(backoff.next())
                 await self._relist_quietly()
 
+    async def _watch_until_lease_lost(self, backoff: Backoff) -> None:
+        """Apply lease events until our lease is found lost, by an event or by anyone else (the
+        renewal, a re-listing): a quiet cluster may send no event for a long while."""
+        async def follow() -> None:
+            async for event in self.store.watch_leases(self.revision + 1):
+                self.status.store_reachable = True
+                backoff.reset()
+                self._on_lease_event(event)
+                if self.lease_lost.is_set():
+                    return
+        following = asyncio.ensure_future(follow())
+        lost = asyncio.ensure_future(self.lease_lost.wait())
+        try:
+            await asyncio.wait({following, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (following, lost):
+                task.cancel()
+            await asyncio.gather(following, lost, return_exceptions=True)
+        if not following.cancelled():
+            following.result()   # its failure is the caller's to handle (compaction, etcd away)
+
     def _on_lease_event(self, event: LeaseEvent) -> None:
         if event.revision <= self.listed_revision:
             return  # already reflected by a listing taken after it
@@ -621,6 +659,10 @@ class Daemon:
         if self.own is not None and event.subnet == self.own.subnet:
             if event.lease is None:
                 log.warning("our lease %s was deleted from etcd: re-acquiring", event.subnet)
+                self._mark_lease_lost()
+            elif event.lease.attrs.public_ip != self.underlay.public_ip:
+                log.warning("our lease %s was taken over by %s in etcd: re-acquiring", event.subnet,
+                            event.lease.attrs.public_ip)
                 self._mark_lease_lost()
             return
         if event.lease is None:
@@ -652,27 +694,34 @@ class Daemon:
         self.listed_revision = revision
         self.dirty.set()
 
-    async def _relist_quietly(self) -> None:
+    async def _relist_quietly(self) -> bool:
+        """Whether the leases could be listed."""
         try:
             await self._relist()
+            return True
         except (StoreUnavailable, StoreError) as exc:
             log.warning("re-listing the leases failed: %s; the watch will try again", exc)
+            return False
 
     # ---------------------------------------------------------------- renewing the lease
 
     async def _renew_loop(self) -> None:
         """Keep the etcd lease alive well before it expires; notice quickly if it was lost."""
-        ttl = self.settings.lease_ttl
-        interval = max(0.5, min(ttl / 3, 60.0))
-        # A member that hangs (neither answers nor resets the connection) costs one attempt's
-        # wait before the next member is tried: keep interval + that wait well inside the TTL.
-        attempt_timeout = max(0.2, min(2.0, ttl / 6))
         while True:
+            # The TTL of the lease held now: an adopted lease keeps the one it was granted.
+            ttl = self.own_ttl
+            interval = max(0.5, min(ttl / 3, 60.0))
+            # A member that hangs (neither answers nor resets the connection) costs one attempt's
+            # wait before the next member is tried: keep interval + that wait well inside the TTL.
+            attempt_timeout = max(0.2, min(2.0, ttl / 6))
             await asyncio.sleep(interval)
-            if self.lease_lost.is_set() or self.own is None:
+            lease = self.own
+            if self.lease_lost.is_set() or lease is None:
                 continue
             try:
-                left = await self.store.keepalive(self.own.lease_id, attempt_timeout)
+                left = await self.store.keepalive(lease.lease_id, attempt_timeout)
+                if self.own is not lease or self.lease_lost.is_set():
+                    continue   # lost and re-acquired meanwhile: this answer is about the old lease
                 self.status.store_reachable = True
                 if left <= 0:
                     log.warning("etcd lease of %s expired: re-acquiring", self.own.subnet)
@@ -681,7 +730,9 @@ class Daemon:
                 else:
                     self.status.lease_expires_at = time.monotonic() + left
             except LeaseLost as exc:
-                log.warning("etcd lease of %s is gone (%s): re-acquiring", self.own.subnet, exc)
+                if self.own is not lease or self.lease_lost.is_set():
+                    continue
+                log.warning("etcd lease of %s is gone (%s): re-acquiring", lease.subnet, exc)
                 self._mark_lease_lost()
                 self.dirty.set()
             except (StoreUnavailable, StoreError) as exc:

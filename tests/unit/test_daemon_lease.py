@@ -1,0 +1,137 @@
+"""Unit tests of how the daemon holds its own lease: adopting renews it, a renewal's answer about
+a lease no longer held is dropped, a loss found outside the watch wakes the watch, and a lease
+of our subnet announcing another host is a loss. The store is a stand-in answering from a script
+(real etcd is in the integration tests)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from ipaddress import IPv4Address
+
+from overlay.daemon import Backoff, Daemon, DaemonSettings
+from overlay.dataplane import Underlay
+from overlay.errors import LeaseLost
+from overlay.etcd import EtcdSettings, LeaseEvent
+
+from .test_daemon_relist import OWN, lease
+
+REACQUIRED = replace(OWN, lease_id=99, mod_revision=9)
+
+
+def daemon_with(store) -> Daemon:
+    daemon = Daemon(DaemonSettings(etcd=EtcdSettings(endpoints=("http://127.0.0.1:2379",)), lease_ttl=3600))
+    daemon.store = store
+    daemon.own = OWN
+    daemon.underlay = Underlay("eth0", OWN.attrs.public_ip, 1500)
+    return daemon
+
+
+def run(daemon: Daemon, coroutine):
+    try:
+        return asyncio.run(asyncio.wait_for(coroutine, 30))
+    finally:
+        daemon._netlink_thread.shutdown(wait=False)
+
+
+class KeepaliveStore:
+    def __init__(self, answer):
+        self.answer = answer          # a TTL, or an exception to raise
+        self.renewed: list[int] = []
+
+    async def keepalive(self, lease_id: int, attempt_timeout: float | None = None) -> int:
+        self.renewed.append(lease_id)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def test_adopting_a_lease_renews_it_and_keeps_the_ttl_etcd_granted():
+    store = KeepaliveStore(7)
+    daemon = daemon_with(store)
+    assert run(daemon, daemon._adopt(OWN, OWN.attrs)) == (OWN, 7)
+    assert store.renewed == [OWN.lease_id]
+    daemon._set_own(OWN, "adopted", 7)
+    assert daemon.own_ttl == 7 and 6 < daemon.status.lease_seconds_left() <= 7
+
+
+def test_a_lease_that_cannot_be_renewed_is_not_adopted():
+    for answer in (0, -1, LeaseLost("requested lease not found")):
+        daemon = daemon_with(KeepaliveStore(answer))
+        assert run(daemon, daemon._adopt(OWN, OWN.attrs)) == (None, 0)
+
+
+class ReacquiredDuringRenewal:
+    """The first renewal is answered "expired" after the daemon has already re-acquired (its
+    answer is about the old lease); later ones are answered for the new lease."""
+
+    def __init__(self, daemon_ref: list):
+        self.daemon_ref = daemon_ref
+        self.renewed: list[int] = []
+        self.second = asyncio.Event()
+
+    async def keepalive(self, lease_id: int, attempt_timeout: float | None = None) -> int:
+        self.renewed.append(lease_id)
+        if len(self.renewed) == 1:
+            self.daemon_ref[0].own = REACQUIRED
+            return 0
+        self.second.set()
+        return 2
+
+
+def test_a_renewal_answer_about_a_lease_no_longer_held_is_dropped():
+    holder: list[Daemon] = []
+    store = ReacquiredDuringRenewal(holder)
+    daemon = daemon_with(store)
+    holder.append(daemon)
+    daemon.own_ttl = 1   # renew every 0.5 s
+
+    async def scenario():
+        renewing = asyncio.create_task(daemon._renew_loop())
+        try:
+            await store.second.wait()
+        finally:
+            renewing.cancel()
+            await asyncio.gather(renewing, return_exceptions=True)
+    run(daemon, scenario())
+    assert store.renewed[:2] == [OWN.lease_id, REACQUIRED.lease_id]
+    assert not daemon.lease_lost.is_set()
+
+
+class SilentWatch:
+    """A watch on which nothing happens (a quiet cluster); notes when it is closed."""
+
+    def __init__(self):
+        self.started = asyncio.Event()
+        self.closed = False
+
+    async def watch_leases(self, start_revision: int):
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+            yield   # never reached: makes this an async generator
+        finally:
+            self.closed = True
+
+
+def test_a_loss_found_outside_the_watch_ends_the_wait_on_a_silent_watch():
+    store = SilentWatch()
+    daemon = daemon_with(store)
+
+    async def scenario():
+        watching = asyncio.create_task(daemon._watch_until_lease_lost(Backoff()))
+        await store.started.wait()
+        daemon._mark_lease_lost()   # as the renewal or a re-listing does
+        await watching
+    run(daemon, scenario())
+    assert store.closed
+
+
+def test_our_subnet_announced_by_another_host_is_a_lost_lease():
+    daemon = daemon_with(None)
+    daemon._on_lease_event(LeaseEvent(OWN.subnet, replace(OWN, mod_revision=5), 5))   # ours, again
+    assert not daemon.lease_lost.is_set()
+    usurper = replace(OWN, attrs=replace(lease(7, 6).attrs), mod_revision=6)
+    assert usurper.attrs.public_ip == IPv4Address("198.18.0.7")
+    daemon._on_lease_event(LeaseEvent(OWN.subnet, usurper, 6))
+    assert daemon.lease_lost.is_set()
