@@ -270,7 +270,9 @@ class ClaimFollower:
                     self.apply(event)
             except WatchCompacted:
                 log.warning("claims watch from revision %d compacted: re-listing the claims", self.revision + 1)
-                await self._relist_quietly()
+                if not await self._relist_quietly():   # else the same revision is compacted again at once
+                    await asyncio.sleep(pause * random.uniform(0.8, 1.2))
+                    pause = min(5.0, pause * 2)
             except (StoreUnavailable, StoreError) as exc:
                 # StoreError: etcd refused the watch itself (say, permissions): retry, say why,
                 # as the lease watch does; no reason to end the daemon.
@@ -307,13 +309,16 @@ class ClaimFollower:
         if changed:
             self.changed()
 
-    async def _relist_quietly(self) -> None:
+    async def _relist_quietly(self) -> bool:
+        """Whether the claims could be listed."""
         try:
             await self.relist()
+            return True
         except StoreUnavailable:
-            pass   # the watch's own retry says so
+            return False   # the watch's own retry says so
         except StoreError as exc:
             log.warning("re-listing the claims failed: %s; the watch will try again", exc)
+            return False
 
 
 class ClaimGranter:

@@ -22,7 +22,7 @@ from overlay.claimhook import ClaimFollower, ClaimGranter, ClaimHook
 from overlay.claims import Claim, ClaimAttrs, Grant, parse_claim_value
 from overlay.config import parse_config
 from overlay.dataplane import Underlay, desired_state, vtep_mac
-from overlay.errors import ClaimParseError, StoreError
+from overlay.errors import ClaimParseError, StoreError, StoreUnavailable, WatchCompacted
 from overlay.etcd import ClaimEvent
 from overlay.lease import Lease, LeaseAttrs
 from overlay.moves import decide_claims, initial_grant, moved_routes, origin_of, reserved_in
@@ -531,3 +531,33 @@ def test_the_claims_watch_outlives_errors_etcd_answers_with():
         await asyncio.gather(watching, return_exceptions=True)
         return alive
     assert asyncio.run(asyncio.wait_for(scenario(), 30)) and store.calls >= 4
+
+
+class CompactedAndUnreachable:
+    """Every watch finds its revision compacted, and every listing fails: the state a watch
+    falls into when etcd goes away right after compacting."""
+
+    def __init__(self):
+        self.calls = 0
+
+    async def list_claims(self):
+        self.calls += 1
+        raise StoreUnavailable("no endpoint answers")
+
+    async def watch_claims(self, start_revision):
+        self.calls += 1
+        raise WatchCompacted(start_revision + 10)
+        yield   # an async generator, as the store's
+
+
+def test_a_compacted_claims_watch_whose_relisting_fails_backs_off():
+    store = CompactedAndUnreachable()
+    follower = ClaimFollower(store, lambda: None)
+
+    async def scenario():
+        watching = asyncio.create_task(follower.run())
+        await asyncio.sleep(1.0)   # the span over which requests are counted, not a wait for a condition
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert 2 <= store.calls <= 20, f"{store.calls} requests in a second: no backing off"
