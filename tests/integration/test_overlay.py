@@ -285,6 +285,29 @@ def test_the_lease_is_renewed_before_it_expires(lab):
     assert lab.ready("h1") and lab.converged()
 
 
+def test_a_restarted_daemon_renews_the_lease_it_adopts_before_anything_else(lab):
+    # A lease adopted with little time left must not lapse while the daemon starts: it is
+    # renewed when adopted, not a renewal interval after serving begins.
+    ttl = 10
+    lab.up(hosts=2, subnet_lease_ttl=ttl)
+    lab.wait_converged(timeout=90)
+    key = subnet_key(PREFIX, lab.subnet("h1"))
+    lease_id = json.loads(lab.etcdctl("get", key, "-w", "json").stdout)["kvs"][0]["lease"]
+
+    def seconds_left() -> int:
+        return json.loads(lab.etcdctl("lease", "timetolive", format(lease_id, "x"), "-w", "json").stdout)["ttl"]
+    def half_down() -> int | None:
+        left = seconds_left()
+        return left if 0 < left <= ttl // 2 else None
+    lab.stop_daemon("h1")   # SIGTERM: the lease and the data plane stay
+    left_at_start = wait_for(half_down, "the lease to run half down", timeout=2 * ttl)
+    lab.start_daemon("h1")
+    wait_for(lambda: lab.ready("h1"), "h1 ready again", timeout=60)
+    assert seconds_left() > left_at_start, "the adopted lease was not renewed on adoption"
+    assert json.loads(lab.etcdctl("get", key, "-w", "json").stdout)["kvs"][0]["lease"] == lease_id   # adopted
+    assert lab.converged()
+
+
 def test_forwarding_and_firewall_rules_are_restored(lab):
     lab.up(hosts=2)
     lab.wait_converged(timeout=90)
