@@ -542,10 +542,12 @@ class CompactedAndUnreachable:
 
     async def list_claims(self):
         self.calls += 1
+        await asyncio.sleep(0)   # a real request suspends: a loop without a pause spins, countably
         raise StoreUnavailable("no endpoint answers")
 
     async def watch_claims(self, start_revision):
         self.calls += 1
+        await asyncio.sleep(0)
         raise WatchCompacted(start_revision + 10)
         yield   # an async generator, as the store's
 
