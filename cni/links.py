@@ -94,7 +94,8 @@ def _kernel_error(action: str, exc) -> KernelFailure:
 def open_netns(path: str) -> int:
     """An fd on the container's namespace; ContainerNotFound when the path does not name one."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: a path naming a FIFO must not hang the call (setns refuses it next).
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise ContainerNotFound(f"network namespace {path} does not exist") from None
     except OSError as exc:

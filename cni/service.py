@@ -99,7 +99,11 @@ HOST_VETH_MAC_PREFIX = "0a:59"
 BRIDGE_RECHECK_S = 1.0
 REQUEST_TIMEOUT_S = 10.0
 _HOST_VETH_HASH_LEN = 15 - len(HOST_VETH_PREFIX)
-_MAX_REQUEST_BYTES = 2 << 20
+# What the client forwards at most: a config of up to 1 MiB (spec.MAX_CONFIG_BYTES) that JSON
+# escaping can make 6 times longer (a control character becomes \u00XX, a 2-byte UTF-8
+# character \uXXXX), plus its CNI_* variables (each at most 128 KiB, the kernel's limit on one
+# environment string). A request refused for its size would reach the client as a reset.
+_MAX_REQUEST_BYTES = 16 << 20
 
 
 def host_ifname(container_id: str, ifname: str) -> str:
@@ -113,6 +117,18 @@ def is_host_ifname(name: str) -> bool:
     suffix = name[len(HOST_VETH_PREFIX):]
     return (name.startswith(HOST_VETH_PREFIX) and len(suffix) == _HOST_VETH_HASH_LEN
             and all(c in "0123456789abcdef" for c in suffix))
+
+
+def _roll_back_veth(host: Links, host_name: str, failure: BaseException) -> None:
+    """Delete the veth of an ADD that failed after creating it. When that fails too, `failure`
+    is marked (`veth_left`): the ADD keeps its record, so the address is not handed out again
+    while it is still on a live link; DEL or GC removes both later."""
+    try:
+        host.delete(host_name)
+    except CniFailure as exc:
+        log.warning("a failed ADD could not remove its veth %s (%s): its record stays for DEL or GC",
+                    host_name, exc.msg)
+        failure.veth_left = host_name
 
 
 class Attacher:
@@ -157,6 +173,10 @@ class Attacher:
     # ------------------------------------------------------------------ ADD
 
     def add(self, inv: spec.Invocation) -> str:
+        if not self.ready():
+            # The daemon lost its lease (or is not ready yet): its subnet may change, so no
+            # address is handed out of it until the lease is held again.
+            raise ServiceUnavailable("the overlay daemon is re-acquiring its subnet lease; try again later")
         subnet = self._subnet()
         gateway = subnet.subnet.ip
         pool = subnet.subnet.network
@@ -193,8 +213,8 @@ class Attacher:
             try:
                 attachment = self._plug(inv, host_name, netns_fd, IPv4Interface((allocation.address, pool.prefixlen)),
                                         subnet)
-            except BaseException:
-                if new:
+            except BaseException as failure:
+                if new and not hasattr(failure, "veth_left"):
                     self._release(key)
                 raise
         finally:
@@ -251,9 +271,9 @@ class Attacher:
                                              mac_for(address.ip))
                             created = True
                     inside = container.configure_container_side(inv.ifname, address, gateway)
-            except BaseException:
+            except BaseException as failure:
                 if created:
-                    host.delete(host_name)
+                    _roll_back_veth(host, host_name, failure)
                 raise
         return Attachment(host_ifname=host_name, host_mac=host_mac, ifname=inv.ifname, mac=inside.mac,
                           sandbox=inv.netns, mtu=subnet.mtu, address=address, gateway=gateway)
@@ -276,11 +296,11 @@ class Attacher:
                 claim = self.claims.claim(address, inv.container_id)
                 claimed = True
                 self.claims.await_grant(claim)
-            except BaseException:
+            except BaseException as failure:
                 if created:
                     with host_links() as host:
-                        host.delete(host_name)
-                if new:
+                        _roll_back_veth(host, host_name, failure)
+                if new and not hasattr(failure, "veth_left"):
                     self._release(key)
                     if claimed:
                         self._withdraw_quietly(address, inv.container_id)
@@ -326,9 +346,9 @@ class Attacher:
                     host.proxy_arp(host_name)
                     inside = container.configure_moved_container_side(inv.ifname, address, host_mac)
                     host.route_to_container(address, host_end.index)
-            except BaseException:
+            except BaseException as failure:
                 if created:
-                    host.delete(host_name)
+                    _roll_back_veth(host, host_name, failure)
                 raise
         attachment = Attachment(host_ifname=host_name, host_mac=host_mac, ifname=inv.ifname, mac=inside.mac,
                                 sandbox=inv.netns, mtu=subnet.mtu, address=IPv4Interface((address, 32)),
@@ -454,7 +474,14 @@ class Attacher:
                 for allocation in released:
                     host.delete(allocation.host_ifname)
                 txn.commit(state)
+                # Host ends nobody records: left by a crash between veth creation and rollback.
+                # Links were listed before the records were read, and ADD records before it
+                # creates, so an ADD in flight is never mistaken for an orphan; deleted with the
+                # records still locked, so neither is an ADD that records the same name again.
                 recorded = {a.host_ifname for a in state.allocations}
+                orphans = [name for name in listed if name not in recorded]
+                for name in orphans:
+                    host.delete(name)
             # Claims after the records, as in DEL (a failed withdrawal is the daemon's to finish).
             for allocation in released:
                 if allocation.claimed and self.claims is not None:
@@ -462,12 +489,6 @@ class Attacher:
                         self.claims.release(allocation.address, allocation.key.container_id)
                     except ServiceUnavailable as exc:
                         log.warning("GC: %s; the daemon withdraws the claim when etcd is back", exc.msg)
-            # Host ends nobody records: left by a crash between veth creation and rollback.
-            # Links were listed before the records were read, and ADD records before it creates,
-            # so an ADD in flight is never mistaken for an orphan.
-            orphans = [name for name in listed if name not in recorded]
-            for name in orphans:
-                host.delete(name)
         if released or orphans:
             log.info("CNI GC on %s: released %s; removed orphan veths %s", inv.name,
                      ", ".join(f"{a.address} ({a.key.container_id} {a.key.ifname})" for a in released) or "nothing",

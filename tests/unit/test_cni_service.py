@@ -191,3 +191,25 @@ def test_an_idle_service_sleeps_until_a_client_or_close_calls(service, tmp_path)
     assert status(tmp_path)[1]["code"] == 50   # a client still wakes it
     service.close()
     assert not thread.is_alive()
+
+
+def test_a_config_that_escaping_makes_larger_than_2_mib_is_answered_by_the_service(service, tmp_path):
+    service.set_ready(True)
+    config = {"cniVersion": "1.1.0", "name": "n", "type": "overlay", "runDir": str(tmp_path),
+              "args": {"x": "\u0436" * 400_000}}     # 2 bytes in UTF-8, 6 once escaped
+    stdin = json.dumps(config, ensure_ascii=False).encode()
+    assert len(stdin) < 1 << 20
+    out = io.StringIO()
+    # 0, not the client's own fallback (50: it cannot tell readiness; 11: service unreachable).
+    assert plugin.main(environ={"CNI_COMMAND": "STATUS"}, stdin=stdin, stdout=out) == 0, out.getvalue()
+
+
+def test_add_waits_while_the_daemon_is_not_ready(service, tmp_path):
+    # Not ready: the daemon lost its lease (or has none yet), and its subnet may change.
+    config = json.dumps({"cniVersion": "1.1.0", "name": "n", "type": "overlay", "runDir": str(tmp_path)})
+    out = io.StringIO()
+    code = plugin.main(environ={"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/run/netns/ovl-none",
+                                "CNI_IFNAME": "eth0"}, stdin=config.encode(), stdout=out)
+    error = json.loads(out.getvalue())
+    assert code != 0 and error["code"] == 11 and "lease" in error["msg"], error
+    assert not (tmp_path / "cni-ipam" / "allocations.json").exists()
