@@ -169,8 +169,7 @@ class Daemon:
             if self._renewing is not None:
                 self._renewing.cancel()
                 await asyncio.gather(self._renewing, return_exceptions=True)
-            if self.cni is not None:
-                self.cni.close()
+            await self._close_cni_service()
             if health is not None:
                 health.close()
             if self.kernel is not None:
@@ -366,10 +365,18 @@ class Daemon:
             return 0
         finally:
             sdnotify.notify("STOPPING=1")
+            # The CNI service first, off the loop and with the tasks still running: a call in
+            # flight may need them (a claim is made and decided through the loop and the watch).
+            await self._close_cni_service()
             for task in [stop, *tasks]:
                 task.cancel()
             await asyncio.gather(stop, *tasks, return_exceptions=True)
             drift.stop()
+
+    async def _close_cni_service(self) -> None:
+        """Stop taking calls and wait for those in flight (idempotent)."""
+        if self.cni is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.cni.close)
 
     async def _resync_timer(self) -> None:
         interval = self.settings.resync_interval

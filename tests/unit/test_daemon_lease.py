@@ -1,7 +1,8 @@
 """Unit tests of how the daemon holds its own lease: adopting renews it, a renewal's answer about
-a lease no longer held is dropped, a loss found outside the watch wakes the watch, and a lease
-of our subnet announcing another host is a loss. The store is a stand-in answering from a script
-(real etcd is in the integration tests)."""
+a lease no longer held is dropped, a loss found outside the watch wakes the watch, a lease of
+our subnet announcing another host is a loss, a compacted watch backs off; and of its shutdown,
+which leaves the loop free for CNI calls in flight. The store is a stand-in answering from a
+script (real etcd is in the integration tests)."""
 
 from __future__ import annotations
 
@@ -167,3 +168,28 @@ def test_a_compacted_lease_watch_whose_relisting_fails_backs_off():
         await asyncio.gather(watching, return_exceptions=True)
     run(daemon, scenario())
     assert 2 <= store.calls <= 20, f"{store.calls} requests in a second: no backing off"
+
+
+class CallNeedingTheLoop:
+    """A CNI service whose close() waits for a call in flight that, like a claim, runs its etcd
+    request on the daemon's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.finished = False
+
+    def close(self) -> None:
+        async def etcd_request():
+            await asyncio.sleep(0)
+            return "answered"
+        self.finished = asyncio.run_coroutine_threadsafe(etcd_request(), self.loop).result(10) == "answered"
+
+
+def test_closing_the_cni_service_leaves_the_loop_free_for_calls_in_flight():
+    daemon = daemon_with(None)
+
+    async def scenario():
+        daemon.cni = CallNeedingTheLoop(asyncio.get_running_loop())
+        await daemon._close_cni_service()
+        return daemon.cni.finished
+    assert run(daemon, scenario())
