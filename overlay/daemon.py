@@ -497,17 +497,21 @@ class Daemon:
         forwarding and the iptables rules (when the device is new, at start, and checked when the
         kernel is suspect); then the VXLAN filter, after the routes, so a new peer's traffic is
         accepted in the same reconcile that makes it reachable."""
-        if not changes.empty:
-            self.kernel.apply(changes)
-        if changes.create_device is not None or not self.status.data_plane_ready:
-            self._apply_host_settings()
-        elif suspect and not self._host_settings_present():
-            log.info("ip forwarding off or firewall rules changed: restoring them")
-            self._apply_host_settings()
-        if whole_filter:
-            self._sync_vxlan_filter(tracker.sources())
-        elif added or removed or suspect:
-            self._update_vxlan_filter(tracker, added, removed)
+        try:
+            if not changes.empty:
+                self.kernel.apply(changes)
+        finally:
+            # Also when the plan failed in part (a peer's entry the kernel refused): the other
+            # peers' traffic must not wait on it. The reconcile still fails and is retried.
+            if changes.create_device is not None or not self.status.data_plane_ready:
+                self._apply_host_settings()
+            elif suspect and not self._host_settings_present():
+                log.info("ip forwarding off or firewall rules changed: restoring them")
+                self._apply_host_settings()
+            if whole_filter:
+                self._sync_vxlan_filter(tracker.sources())
+            elif added or removed or suspect:
+                self._update_vxlan_filter(tracker, added, removed)
 
     def _live_own(self) -> Lease | None:
         """Our lease, or None once it is lost (claims are made and decided only with a live one)."""

@@ -364,16 +364,27 @@ class Kernel:
                     raise KernelError("plan changes neighbours or FDB entries but names no device")
                 raise DeviceNotFound(f"device {device_name}: no such device")
 
-            self._run("remove", [self._route_request(route, indexes, delete=True)
-                                 for route in plan.delete_routes], tolerate=_GONE)
-            self._run("remove", [_fdb_request(entry, device_name, device_index, delete=True)
-                                 for entry in plan.delete_fdb], tolerate=_GONE)
-            self._run("remove", [_neighbour_request(n, device_name, device_index, delete=True)
-                                 for n in plan.delete_neighbours], tolerate=_GONE)
-            self._run("set", [_neighbour_request(n, device_name, device_index)
-                              for n in plan.replace_neighbours])
-            self._run("set", [_fdb_request(entry, device_name, device_index) for entry in plan.replace_fdb])
-            self._run("set", [self._route_request(route, indexes) for route in plan.replace_routes])
+            # Every stage runs even when one before it failed (an entry the kernel refuses must
+            # not keep the other peers' routes out); the first failure is raised at the end.
+            stages = (
+                ("remove", lambda: [self._route_request(route, indexes, delete=True) for route in plan.delete_routes],
+                 _GONE),
+                ("remove", lambda: [_fdb_request(entry, device_name, device_index, delete=True)
+                                    for entry in plan.delete_fdb], _GONE),
+                ("remove", lambda: [_neighbour_request(n, device_name, device_index, delete=True)
+                                    for n in plan.delete_neighbours], _GONE),
+                ("set", lambda: [_neighbour_request(n, device_name, device_index) for n in plan.replace_neighbours], ()),
+                ("set", lambda: [_fdb_request(entry, device_name, device_index) for entry in plan.replace_fdb], ()),
+                ("set", lambda: [self._route_request(route, indexes) for route in plan.replace_routes], ()),
+            )
+            first_failure = None
+            for verb, requests, tolerate in stages:
+                try:
+                    self._run(verb, requests(), tolerate=tolerate)
+                except KernelError as exc:
+                    first_failure = first_failure or exc
+            if first_failure is not None:
+                raise first_failure
 
     def _create_device(self, device: VxlanDevice) -> None:
         underlay = self._link_by_name(device.underlay_iface)

@@ -25,6 +25,7 @@ DEFAULT_PREFIX = "/coreos.com/network"
 # be exactly what subnet_key() writes, so an unpadded prefix length only.
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 _SUBNET_KEY = re.compile(r"([0-9]{1,3}(?:\.[0-9]{1,3}){3})-(0|[1-9][0-9]?)")
+_BROADCAST = IPv4Address("255.255.255.255")
 
 
 def config_key(prefix: str) -> str:
@@ -93,6 +94,8 @@ def parse_lease_value(value: str | bytes) -> LeaseAttrs:
         public_ip = IPv4Address(raw["PublicIP"])
     except ValueError:
         raise LeaseParseError(f"PublicIP {raw.get('PublicIP')!r} is not an IPv4 address") from None
+    if public_ip.is_unspecified or public_ip.is_loopback or public_ip.is_multicast or public_ip == _BROADCAST:
+        raise LeaseParseError(f"PublicIP {public_ip} cannot be a host's underlay address")
     data = raw.get("BackendData")
     if not isinstance(data, dict):
         raise LeaseParseError("BackendData must be an object with VNI and VtepMAC")
@@ -102,6 +105,10 @@ def parse_lease_value(value: str | bytes) -> LeaseAttrs:
     mac = data.get("VtepMAC")
     if not isinstance(mac, str) or not _MAC.fullmatch(mac.lower()):
         raise LeaseParseError(f"BackendData.VtepMAC {mac!r} is not a MAC address")
+    # The kernel refuses a multicast or all-zero MAC as a VXLAN FDB entry: one such lease would
+    # fail every host's programming, so it is not a lease.
+    if int(mac[:2], 16) & 1 or mac.strip("0:") == "":
+        raise LeaseParseError(f"BackendData.VtepMAC {mac} is not a unicast MAC address")
     return LeaseAttrs(public_ip, vni, mac.lower())
 
 

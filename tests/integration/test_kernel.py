@@ -407,6 +407,19 @@ def test_kernel_errors_name_the_object(lab):
     a.kernel.apply(replace(gone, create_device=None, update_device=None))
 
 
+def test_an_entry_the_kernel_refuses_keeps_no_other_peer_out(lab):
+    a, b = lab(), lab()
+    # A peer whose VTEP MAC the kernel refuses as an FDB entry (multicast; the lease parser
+    # turns such a lease away, so only a hand-made Lease gets here).
+    odd = lease(IPv4Network("10.244.9.0/24"), IPv4Address("198.18.200.9"), mac="01:00:5e:00:00:09")
+    wanted = a.desired([b, odd])
+    with pytest.raises(KernelError):
+        a.kernel.apply(plan(wanted, a.kernel.read_state(DEVICE)))
+    # The stages after the failed one ran: every route is there, and b's entries.
+    assert our_routes(a) == {"10.244.2.0/24", "10.244.9.0/24"}
+    assert (b.lease.attrs.vtep_mac, "198.18.200.2") in fdb_entries(a)
+
+
 def test_a_missing_namespace_is_an_error_and_is_not_created():
     name = f"ovl-kt-{uuid.uuid4().hex[:6]}-missing"
     with pytest.raises(KernelError, match=name):

@@ -143,6 +143,16 @@ def test_missing_vni_means_flannels_default():
     lease_value(VtepMAC="g6:d2:5e:11:aa:07"),
     lease_value(VtepMAC="c6:d2:5e:11:aa:07\n"),  # would reach the kernel as a bad lladdr
     lease_value(VtepMAC=" c6:d2:5e:11:aa:07"),
+    # The kernel refuses these as VXLAN FDB entries; one would fail every host's programming.
+    lease_value(VtepMAC="01:00:5e:00:00:01"),
+    lease_value(VtepMAC="ff:ff:ff:ff:ff:ff"),
+    lease_value(VtepMAC="00:00:00:00:00:00"),
+    lease_value(VtepMAC="C7:D2:5E:11:AA:07"),    # multicast bit, upper case
+    # Not an address a host's VXLAN packets can come from or go to.
+    lease_value(PublicIP="0.0.0.0"),
+    lease_value(PublicIP="127.0.0.1"),
+    lease_value(PublicIP="224.0.0.1"),
+    lease_value(PublicIP="255.255.255.255"),
 ])
 def test_bad_lease_value_is_refused(value):
     with pytest.raises(LeaseParseError):
