@@ -374,7 +374,7 @@ def _read_vxlan_table(netns: str | None) -> tuple[tuple[int, str], frozenset[int
     except OSError:
         addresses = frozenset()   # not plain addresses (ranges, counters): not ours, rewrite
         head += "unexpected elements\n"
-    port = _DPORT.search(tail)
+    port = _DPORT.search(tail) or _DPORT.search(head)   # an empty set has no elements line: all is head
     return (int(port.group(1)) if port else 0, head + tail), addresses
 
 

@@ -239,6 +239,18 @@ def test_a_peer_leaving_or_joining_changes_only_the_set(ns):
     assert firewall.vxlan_filter_sources(netns=ns) == frozenset()   # no peers: VXLAN from no one
 
 
+def test_a_filter_with_no_peers_is_recognised_as_ours(ns):
+    # The first host of a cluster has no peers: its empty set lists with no elements line, and
+    # must still read back as our filter (not be rewritten whole at every resync).
+    assert firewall.sync_vxlan_filter(8472, [], netns=ns) == "table"
+    run(ns, "nft", "add", "table", "ip", "someone_else")      # another commit: our memory no longer vouches
+    assert firewall.vxlan_filter_present(8472, [], netns=ns)
+    assert firewall.sync_vxlan_filter(8472, [], netns=ns) == ""
+    assert firewall.sync_vxlan_filter(8472, PEERS, netns=ns) == "elements"
+    run(ns, "nft", "delete", "table", "ip", "someone_else")
+    assert firewall.sync_vxlan_filter(8472, [], netns=ns) == "elements"
+
+
 def test_drift_in_the_filter_is_noticed_and_repaired(ns):
     firewall.sync_vxlan_filter(8472, PEERS, netns=ns)
     run(ns, "nft", "add", "element", "ip", "overlay", "vxlan_sources", "{ 203.0.113.9 }")
