@@ -117,6 +117,7 @@ class Daemon:
         self._kernel_known = False
         self._moved_believed: frozenset[Route] = frozenset()
         self._filter_known = False        # the VXLAN filter holds the tracker's committed sources
+        self._rules_subnet: IPv4Network | None = None   # our subnet as the iptables rules last written name it
         self._suspicions = 0              # counts netlink events and resync ticks
         # What the kernel is being made to hold (or was, by the last successful reconcile), for
         # telling the echo of our own changes from drift: the tracker, or with moved addresses a
@@ -503,7 +504,8 @@ class Daemon:
         finally:
             # Also when the plan failed in part (a peer's entry the kernel refused): the other
             # peers' traffic must not wait on it. The reconcile still fails and is retried.
-            if changes.create_device is not None or not self.status.data_plane_ready:
+            if (changes.create_device is not None or not self.status.data_plane_ready
+                    or self._rules_subnet != self.own.subnet):   # a lease re-acquired with another subnet
                 self._apply_host_settings()
             elif suspect and not self._host_settings_present():
                 log.info("ip forwarding off or firewall rules changed: restoring them")
@@ -555,7 +557,8 @@ class Daemon:
 
     def _apply_host_settings(self) -> None:
         self.kernel.set_ip_forward(True)
-        firewall.apply_rules(self.config.network, self.settings.ip_masq)
+        firewall.apply_rules(self.config.network, self.own.subnet, self.settings.ip_masq)
+        self._rules_subnet = self.own.subnet
 
     def _sync_vxlan_filter(self, sources: frozenset[IPv4Address]) -> None:
         """Drop VXLAN from anyone but the current peers (after the routes, so a new peer's

@@ -8,6 +8,9 @@ Two chains of our own, each entered by one jump we keep at the top of a built-in
     nat     POSTROUTING -j OVERLAY-POSTRTG  (only with ip_masq) flannel's masquerade set:
             -s NET -d NET                RETURN      overlay to overlay keeps its addresses
             -s NET ! -d 224.0.0.0/4      MASQUERADE  containers leaving the overlay
+            ! -s NET -d OWN              RETURN      from outside to this host's own containers (a
+                                                     port mapping, a routed client): the container
+                                                     sees the client, as with flannel
             ! -s NET -d NET              MASQUERADE  the host (or anything else) into the overlay
 
 Why iptables and not a table of our own in nftables: in nftables every table's hook sees the
@@ -141,12 +144,13 @@ class FirewallError(KernelError):
     """iptables or nftables refused our rules, or could not be run."""
 
 
-def apply_rules(network: IPv4Network, ip_masq: bool, *, netns: str | None = None) -> None:
-    """Accept forwarding for the overlay network and, with ip_masq, masquerade traffic leaving it."""
+def apply_rules(network: IPv4Network, own_subnet: IPv4Network, ip_masq: bool, *, netns: str | None = None) -> None:
+    """Accept forwarding for the overlay network and, with ip_masq, masquerade traffic leaving
+    it (own_subnet: this host's subnet, whose containers see who reached them from outside)."""
     tables = {"filter": _iptables_save("filter", netns), "nat": _iptables_save("nat", netns)}
     script = ["*filter", *_own_chain("filter", tables["filter"], _forward_rules(network)), "COMMIT"]
     if ip_masq:
-        script += ["*nat", *_own_chain("nat", tables["nat"], _masquerade_rules(network)), "COMMIT"]
+        script += ["*nat", *_own_chain("nat", tables["nat"], _masquerade_rules(network, own_subnet)), "COMMIT"]
     else:
         script += ["*nat", *_removal("nat", tables["nat"]), "COMMIT"]
     _rules_verified.pop(netns, None)
@@ -611,11 +615,13 @@ def _forward_rules(network: IPv4Network) -> list[str]:
     ]
 
 
-def _masquerade_rules(network: IPv4Network) -> list[str]:
+def _masquerade_rules(network: IPv4Network, own_subnet: IPv4Network) -> list[str]:
     return [
         f'-s {network} -d {network} -m comment --comment "overlay: no NAT inside the overlay" -j RETURN',
         f'-s {network} ! -d 224.0.0.0/4 -m comment --comment "overlay: NAT traffic leaving the overlay"'
         " -j MASQUERADE --random-fully",
+        f'! -s {network} -d {own_subnet} -m comment --comment "overlay: no NAT to this host\'s containers"'
+        " -j RETURN",
         f'! -s {network} -d {network} -m comment --comment "overlay: NAT traffic entering the overlay"'
         " -j MASQUERADE --random-fully",
     ]

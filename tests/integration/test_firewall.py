@@ -23,6 +23,7 @@ import pytest
 from overlay import firewall
 
 NETWORK = IPv4Network("10.244.0.0/16")
+OWN = IPv4Network("10.244.7.0/24")   # the host's own subnet
 
 
 def run(ns: str, *argv: str, stdin: str | None = None, check: bool = True) -> str:
@@ -109,7 +110,7 @@ def test_rules_are_applied_with_masquerade(ns):
     run(ns, "iptables", "-A", "FORWARD", "-j", "DROP")
     run(ns, "iptables", "-t", "nat", "-A", "POSTROUTING", "-s", "192.0.2.0/24", "-j", "MASQUERADE")
 
-    firewall.apply_rules(NETWORK, True, netns=ns)
+    firewall.apply_rules(NETWORK, OWN, True, netns=ns)
 
     forward = rules(ns, "filter", "FORWARD")
     assert forward[1].endswith("-j OVERLAY-FWD") and forward[2] == "-A FORWARD -j DROP"
@@ -121,9 +122,10 @@ def test_rules_are_applied_with_masquerade(ns):
     assert [rule.split(" -m comment")[0] for rule in nat] == [
         "-A OVERLAY-POSTRTG -s 10.244.0.0/16 -d 10.244.0.0/16",
         "-A OVERLAY-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4",
+        "-A OVERLAY-POSTRTG ! -s 10.244.0.0/16 -d 10.244.7.0/24",
         "-A OVERLAY-POSTRTG ! -s 10.244.0.0/16 -d 10.244.0.0/16"]
-    assert nat[0].endswith("-j RETURN")
-    assert all(rule.endswith("-j MASQUERADE --random-fully") for rule in nat[1:])
+    assert [rule.rsplit(" -j ", 1)[1] for rule in nat] == ["RETURN", "MASQUERADE --random-fully", "RETURN",
+                                                           "MASQUERADE --random-fully"]
     postrouting = rules(ns, "nat", "POSTROUTING")
     assert sum(rule.endswith("-j OVERLAY-POSTRTG") for rule in postrouting) == 1
     assert "-A POSTROUTING -s 192.0.2.0/24 -j MASQUERADE" in postrouting
@@ -131,32 +133,32 @@ def test_rules_are_applied_with_masquerade(ns):
 
 
 def test_applying_twice_changes_nothing(ns):
-    firewall.apply_rules(NETWORK, True, netns=ns)
+    firewall.apply_rules(NETWORK, OWN, True, netns=ns)
     first = saved(ns)
-    firewall.apply_rules(NETWORK, True, netns=ns)
+    firewall.apply_rules(NETWORK, OWN, True, netns=ns)
     assert saved(ns) == first
 
 
 def test_duplicate_jumps_are_reduced_to_one(ns):
-    firewall.apply_rules(NETWORK, False, netns=ns)
+    firewall.apply_rules(NETWORK, OWN, False, netns=ns)
     run(ns, "iptables", "-A", "FORWARD", "-j", "OVERLAY-FWD")
     assert not firewall.rules_present(netns=ns)
-    firewall.apply_rules(NETWORK, False, netns=ns)
+    firewall.apply_rules(NETWORK, OWN, False, netns=ns)
     assert sum(rule.endswith("-j OVERLAY-FWD") for rule in rules(ns, "filter", "FORWARD")) == 1
     assert firewall.rules_present(netns=ns)
 
 
 def test_rules_present_notices_a_deleted_jump_or_rule(ns):
-    firewall.apply_rules(NETWORK, True, netns=ns)
+    firewall.apply_rules(NETWORK, OWN, True, netns=ns)
     jump = next(rule for rule in rules(ns, "filter", "FORWARD") if rule.endswith("-j OVERLAY-FWD"))
     run(ns, "iptables", "-D", "FORWARD", *shlex.split(jump)[2:])
     assert not firewall.rules_present(netns=ns)
-    firewall.apply_rules(NETWORK, True, netns=ns)
+    firewall.apply_rules(NETWORK, OWN, True, netns=ns)
     assert firewall.rules_present(netns=ns)
 
     run(ns, "iptables", "-t", "nat", "-D", "OVERLAY-POSTRTG", "3")
     assert not firewall.rules_present(netns=ns)
-    firewall.apply_rules(NETWORK, True, netns=ns)
+    firewall.apply_rules(NETWORK, OWN, True, netns=ns)
     assert firewall.rules_present(netns=ns)
     # A process that did not apply them (the daemon after a restart) still sees a missing jump.
     firewall._applied.pop(ns)
@@ -166,30 +168,31 @@ def test_rules_present_notices_a_deleted_jump_or_rule(ns):
 
 
 def test_masquerade_on_and_off(ns):
-    firewall.apply_rules(NETWORK, True, netns=ns)
-    assert len(rules(ns, "nat", "OVERLAY-POSTRTG")) == 4
+    firewall.apply_rules(NETWORK, OWN, True, netns=ns)
+    assert len(rules(ns, "nat", "OVERLAY-POSTRTG")) == 5   # the chain declaration and its four rules
 
-    firewall.apply_rules(NETWORK, False, netns=ns)
+    firewall.apply_rules(NETWORK, OWN, False, netns=ns)
     assert "OVERLAY-POSTRTG" not in run(ns, "iptables-save", "-t", "nat")
     assert len(rules(ns, "filter", "OVERLAY-FWD")) == 3
     assert firewall.rules_present(netns=ns)
 
-    firewall.apply_rules(NETWORK, True, netns=ns)
-    assert len(rules(ns, "nat", "OVERLAY-POSTRTG")) == 4
+    firewall.apply_rules(NETWORK, OWN, True, netns=ns)
+    assert len(rules(ns, "nat", "OVERLAY-POSTRTG")) == 5
     assert firewall.rules_present(netns=ns)
 
 
 def test_a_changed_network_rewrites_the_chains(ns):
-    firewall.apply_rules(NETWORK, True, netns=ns)
-    firewall.apply_rules(IPv4Network("10.50.0.0/16"), True, netns=ns)
+    firewall.apply_rules(NETWORK, OWN, True, netns=ns)
+    firewall.apply_rules(IPv4Network("10.50.0.0/16"), IPv4Network("10.50.3.0/24"), True, netns=ns)
     text = saved(ns)
-    assert "10.244.0.0/16" not in text
-    assert text.count("10.50.0.0/16") == 2 + 5  # two filter rules; the nat rules name it 2, 1, 2 times
+    assert "10.244." not in text
+    assert text.count("10.50.0.0/16") == 2 + 6  # two filter rules; the nat rules name it 2, 1, 1, 2 times
+    assert text.count("10.50.3.0/24") == 1
 
 
 def test_remove_rules_leaves_others_alone_and_is_idempotent(ns):
     run(ns, "iptables", "-A", "FORWARD", "-j", "DROP")
-    firewall.apply_rules(NETWORK, True, netns=ns)
+    firewall.apply_rules(NETWORK, OWN, True, netns=ns)
     firewall.remove_rules(netns=ns)
     text = saved(ns)
     assert "OVERLAY" not in text
@@ -201,7 +204,7 @@ def test_remove_rules_leaves_others_alone_and_is_idempotent(ns):
 
 def test_an_iptables_failure_is_a_kernel_error(ns):
     with pytest.raises(firewall.FirewallError, match="iptables-save"):
-        firewall.apply_rules(NETWORK, True, netns=f"{ns}-missing")
+        firewall.apply_rules(NETWORK, OWN, True, netns=f"{ns}-missing")
 
 
 # ---------------------------------------------------------------------- the VXLAN source filter
@@ -273,7 +276,7 @@ def test_drift_in_the_filter_is_noticed_and_repaired(ns):
 
 
 def test_removing_the_filter_is_idempotent_and_leaves_iptables_alone(ns):
-    firewall.apply_rules(NETWORK, True, netns=ns)
+    firewall.apply_rules(NETWORK, OWN, True, netns=ns)
     firewall.sync_vxlan_filter(8472, PEERS, netns=ns)
     firewall.remove_vxlan_filter(netns=ns)
     assert firewall.vxlan_filter_sources(netns=ns) is None
@@ -501,7 +504,7 @@ def test_in_process_the_ruleset_generation_spares_listings_until_anything_commit
         step("update after drift", firewall.update_vxlan_filter(8472, ips(16), ()))
         step("drift repaired", firewall.sync_vxlan_filter(8472, ips(13, 14, 15)))
         step("sources repaired", sorted(map(str, firewall.vxlan_filter_sources())))
-        firewall.apply_rules(IPv4Network("10.244.0.0/16"), True)
+        firewall.apply_rules(IPv4Network("10.244.0.0/16"), IPv4Network("10.244.7.0/24"), True)
         listings.update(nft=0, **{"iptables-save": 0})
         step("rules checked", firewall.rules_present())
         step("rules known", firewall.rules_present())
@@ -511,7 +514,7 @@ def test_in_process_the_ruleset_generation_spares_listings_until_anything_commit
         step("after our own set change", [firewall.update_vxlan_filter(8472, ips(16), ()), firewall.rules_present()])
         assert os.spawnvp(os.P_WAIT, "iptables", ["iptables", "-t", "nat", "-F", "OVERLAY-POSTRTG"]) == 0
         step("rule flushed by iptables", firewall.rules_present())
-        firewall.apply_rules(IPv4Network("10.244.0.0/16"), True)
+        firewall.apply_rules(IPv4Network("10.244.0.0/16"), IPv4Network("10.244.7.0/24"), True)
         listings.update(nft=0, **{"iptables-save": 0})
         step("rules back", [firewall.rules_present(), firewall.rules_present()])
     """, allow_subprocess=True)
