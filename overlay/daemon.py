@@ -156,7 +156,11 @@ class Daemon:
             loop.add_signal_handler(signum, self.stopping.set)
         health = None
         if self.settings.healthz_port:
-            health = await serve_health(self.status, self.settings.healthz_ip, self.settings.healthz_port)
+            try:
+                health = await serve_health(self.status, self.settings.healthz_ip, self.settings.healthz_port)
+            except OSError as exc:
+                raise ConfigError("--healthz-ip/--healthz-port", f"cannot listen on {self.settings.healthz_ip}:"
+                                  f"{self.settings.healthz_port}: {exc.strerror or exc}") from None
         try:
             self.kernel = await self._in_netlink_thread(Kernel)
             self.underlay = await self._in_netlink_thread(
@@ -792,6 +796,9 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     parser = argparse.ArgumentParser(
@@ -814,11 +821,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ip-masq", action="store_true", default=_env_flag("OVERLAY_IP_MASQ"),
                         help="masquerade traffic leaving the overlay network [OVERLAY_IP_MASQ]")
     parser.add_argument("--healthz-ip", default=env("OVERLAY_HEALTHZ_IP", "0.0.0.0"), help="[OVERLAY_HEALTHZ_IP]")
-    parser.add_argument("--healthz-port", type=int, default=int(env("OVERLAY_HEALTHZ_PORT", "0")),
+    # Defaults from the environment stay strings: argparse converts them with `type`, so a bad
+    # value is reported as a usage error naming the option, not as a traceback.
+    parser.add_argument("--healthz-port", type=int, default=env("OVERLAY_HEALTHZ_PORT", "0"),
                         help="serve /healthz, /readyz, /metrics here; 0 = off [OVERLAY_HEALTHZ_PORT]")
-    parser.add_argument("--subnet-lease-ttl", type=int, default=int(env("OVERLAY_SUBNET_LEASE_TTL", str(DEFAULT_LEASE_TTL))),
+    parser.add_argument("--subnet-lease-ttl", type=int, default=env("OVERLAY_SUBNET_LEASE_TTL", str(DEFAULT_LEASE_TTL)),
                         help="seconds a lease lives unless renewed (default 24 h) [OVERLAY_SUBNET_LEASE_TTL]")
-    parser.add_argument("--resync-interval", type=float, default=float(env("OVERLAY_RESYNC_INTERVAL", "10")),
+    parser.add_argument("--resync-interval", type=float, default=env("OVERLAY_RESYNC_INTERVAL", "10"),
                         help="longest time between full reconciles, jittered (max 10) [OVERLAY_RESYNC_INTERVAL]")
     parser.add_argument("--no-cni-service", action="store_true", default=_env_flag("OVERLAY_NO_CNI_SERVICE"),
                         help="do not serve the CNI plugin from this process [OVERLAY_NO_CNI_SERVICE]")
@@ -827,7 +836,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="accept VXLAN from any address, not only from current peers' public IPs "
                              "(for peers whose VXLAN source is not the public IP of their lease) "
                              "[OVERLAY_NO_VXLAN_SOURCE_FILTER]")
-    parser.add_argument("--log-level", default=env("OVERLAY_LOG_LEVEL", "info"), help="[OVERLAY_LOG_LEVEL]")
+    parser.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default=env("OVERLAY_LOG_LEVEL", "info"),
+                        help="[OVERLAY_LOG_LEVEL]")
     return parser
 
 
@@ -842,6 +852,8 @@ def settings_from_args(args: argparse.Namespace) -> DaemonSettings:
         raise ConfigError("--resync-interval", "must be more than 0 and at most 10 seconds")
     if args.subnet_lease_ttl < 2:
         raise ConfigError("--subnet-lease-ttl", "must be at least 2 seconds")
+    if not 0 <= args.healthz_port <= 65535:
+        raise ConfigError("--healthz-port", f"{args.healthz_port} is not a TCP port (0 turns the endpoint off)")
     etcd = EtcdSettings.from_flags(args.etcd_endpoints, args.etcd_prefix, path(args.etcd_cafile),
                                    path(args.etcd_certfile), path(args.etcd_keyfile))
     return DaemonSettings(
@@ -853,6 +865,9 @@ def settings_from_args(args: argparse.Namespace) -> DaemonSettings:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.log_level not in LOG_LEVELS:   # from OVERLAY_LOG_LEVEL: argparse checks only what it parsed
+        print(f"overlayd: log level {args.log_level!r} is not one of {', '.join(LOG_LEVELS)}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Nobody prints a record's caller (file, line, function), thread or process: not working

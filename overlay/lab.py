@@ -1264,7 +1264,7 @@ class Lab:
         stamps["del_started"] = time.monotonic()
         try:
             self.conflist(container.host).delete(self._attachment(container), container.result)
-        except PluginFailed as exc:
+        except (PluginFailed, subprocess.TimeoutExpired, OSError) as exc:
             raise LabError(f"{container.name}: DEL on {container.host} failed, nothing moved: {exc}") from None
         stamps["del_done"] = time.monotonic()
         moving = LabContainer(container.name, target.name, container.netns, container.container_id)

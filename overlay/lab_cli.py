@@ -20,7 +20,8 @@ import time
 
 import click
 
-from .lab import (DEFAULT_LAB_NAME, DEFAULT_NETWORK, Lab, LabError, LabNotFound, lab_names, teardown,
+from .errors import OverlayError
+from .lab import (DEFAULT_LAB_NAME, DEFAULT_NETWORK, Lab, LabNotFound, lab_names, teardown,
                   teardown_all, underlay_warnings)
 
 _name_option = click.option("--name", default=DEFAULT_LAB_NAME, show_default=True,
@@ -64,7 +65,7 @@ def _load(name: str) -> Lab:
         others = [other for other in lab_names() if other != name]
         hint = f" (labs on this machine: {', '.join(others)})" if others else ""
         raise click.ClickException(f"{exc}{hint}") from None
-    except LabError as exc:
+    except OverlayError as exc:   # LabError, and what the lab passes on (etcd would not start, ...)
         _fail(exc)
 
 
@@ -96,7 +97,7 @@ def up(hosts: int, containers: int, etcd_members: str, etcd_tls: bool, name: str
         handle.up(hosts=hosts, etcd_members=int(etcd_members), network=network,
                   subnet_lease_ttl=subnet_lease_ttl, containers=containers, timeout=timeout,
                   etcd_tls=etcd_tls)
-    except LabError as exc:
+    except OverlayError as exc:
         _fail(exc)
     click.echo(f"lab {name}: underlay {handle.underlay} on {handle.bridge}, etcd {_etcd_summary(handle)}, "
                f"{hosts} host(s) started in {time.monotonic() - started:.1f} s")
@@ -106,7 +107,7 @@ def up(hosts: int, containers: int, etcd_members: str, etcd_tls: bool, name: str
     if wait and hosts:
         try:
             handle.wait_converged(timeout=timeout)
-        except LabError as exc:
+        except OverlayError as exc:
             raise click.ClickException(f"{exc}\nThe lab is left up for inspection (logs in "
                                        f"{handle.state_dir / 'logs'}); remove it with: overlayctl lab down "
                                        f"--name {name}") from None
@@ -155,7 +156,7 @@ def restart(host: str, name: str, wait: bool, timeout: float) -> None:
         if wait:
             handle.wait_ready([host], timeout=timeout)
             click.echo(f"{handle.host(host).name}: ready {time.monotonic() - started:.1f} s after the restart began")
-    except LabError as exc:
+    except OverlayError as exc:
         _fail(exc)
 
 
@@ -172,7 +173,7 @@ def move(container: str, host: str, name: str, timeout: float) -> None:
         before = handle.container(container)
         timings: dict = {}
         moved = handle.move_container(container, host, timeout=timeout, timings=timings)
-    except LabError as exc:
+    except OverlayError as exc:
         _fail(exc)
     click.echo(f"{moved.name}: moved from {before.host} to {moved.host} keeping {moved.address} "
                f"(DEL {1000 * (timings['del_done'] - timings['del_started']):.0f} ms, "
@@ -186,7 +187,7 @@ def down(name: str, every: bool) -> None:
     """Remove a lab: processes, namespaces, links, state. Works after a crash too."""
     try:
         removed = teardown_all() if every else {name: teardown(name)}
-    except LabError as exc:
+    except OverlayError as exc:
         _fail(exc)
     for lab_name, objects in removed.items():
         click.echo(f"lab {lab_name}: removed {', '.join(objects)}" if objects else
@@ -223,7 +224,7 @@ def demo(ctx: click.Context, name: str, hosts: int, containers: int, timeout: fl
             click.echo(f"  {host.name}: namespace {host.netns}, eth0 {host.public_ip}"
                        + (f"; containers {attached}" if attached else "") + f"; log {host.log_path}")
         handle.wait_converged(timeout=timeout)
-    except LabError as exc:
+    except OverlayError as exc:
         raise click.ClickException(f"{exc}\nInspect with `overlayctl lab status --name {name}`; "
                                    f"remove with `overlayctl lab down --name {name}`") from None
     click.echo(f"all {hosts} hosts ready and routing to each other after {time.monotonic() - started:.1f} s\n")
