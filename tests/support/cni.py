@@ -72,10 +72,14 @@ class Service:
         self.process = subprocess.Popen(
             ["ip", "netns", "exec", host_netns, sys.executable, "-m", "cni.service", "--run-dir", str(run_dir)],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.log, start_new_session=True)
-        socket_path = run_dir / "cni.sock"
-        wait_for(lambda: socket_path.exists() or self.process.poll() is not None, 20, "the CNI service socket")
-        if self.process.poll() is not None:
-            raise RuntimeError(f"CNI service died: {(run_dir / 'service.log').read_text()}")
+        try:
+            socket_path = run_dir / "cni.sock"
+            wait_for(lambda: socket_path.exists() or self.process.poll() is not None, 20, "the CNI service socket")
+            if self.process.poll() is not None:
+                raise RuntimeError(f"CNI service died: {(run_dir / 'service.log').read_text()}")
+        except BaseException:
+            self.stop()   # the caller never gets this object to stop: a slow start or Ctrl-C must not leak it
+            raise
 
     def stop(self) -> None:
         if self.process.poll() is None:
