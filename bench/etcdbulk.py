@@ -8,8 +8,8 @@ Design notes
   depend on the client it measures), synchronously, one Txn of up to MAX_TXN_OPS puts at a time
   (etcd's default --max-txn-ops is 128).
 - Fake peers: subnet i is the i-th /24 from 10.4.0.0 up (clear of the first subnets a real
-  daemon picks among), public IP i is 100.64.0.0/10 + i (shared address space: never routed in
-  the lab, the FDB entries only name it), VTEP MAC 0a:bb:<i as 4 bytes> (locally administered,
+  daemon picks among), public IP i is overlay.lab.FAKE_PEER_POOL + i (198.19.224.0/19: in the
+  benchmark range, never a lab's underlay; the FDB entries only name it), VTEP MAC 0a:bb:<i as 4 bytes> (locally administered,
   unicast, distinct). Values are flannel's JSON, made by overlay.lease.LeaseAttrs so the format
   is the one schema module's. No etcd lease is attached (like a flannel reservation), so they
   stay until deleted.
@@ -25,11 +25,12 @@ from urllib.parse import urlparse
 import grpc
 from aetcd.rpc import rpc_pb2, rpc_pb2_grpc
 
+from overlay.lab import FAKE_PEER_POOL
 from overlay.lease import LeaseAttrs, subnet_key
 
 MAX_TXN_OPS = 128
 FIRST_FAKE_SUBNET = IPv4Network("10.4.0.0/24")
-FAKE_PUBLIC_BASE = IPv4Address("100.64.0.0")
+FAKE_PUBLIC_BASE = FAKE_PEER_POOL.network_address
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,10 @@ LAB_ROOT = Path(os.environ.get("OVERLAY_LAB_ROOT", "/run/overlay-lab"))
 DEFAULT_LAB_NAME = "lab"
 DEFAULT_NETWORK = "10.244.0.0/16"
 UNDERLAY_POOL = IPv4Network("198.18.0.0/15")
+# Public IPs of fake peers (leases written straight into etcd by tests and benchmarks): inside
+# the range set aside for network benchmarks, and never a lab's underlay. Nothing is sent to
+# them; the FDB entries and the VXLAN filter only name them.
+FAKE_PEER_POOL = IPv4Network("198.19.224.0/19")
 GATEWAY_HOST = 1          # the bridge's address in the lab's /24
 FIRST_ETCD_HOST = 2       # e1 = .2, e2 = .3, ...
 FIRST_HOST_HOST = 11      # h1 = .11, h2 = .12, ...
@@ -344,7 +348,7 @@ def underlay_mac(address: IPv4Address) -> str:
 
 def first_free_underlay(taken: Iterable[IPv4Network], pool: IPv4Network = UNDERLAY_POOL) -> IPv4Network:
     """The first /24 of pool that overlaps nothing in taken (routes, addresses, other labs)."""
-    taken = list(taken)
+    taken = [*taken, FAKE_PEER_POOL]
     for candidate in pool.subnets(new_prefix=24):
         if not any(candidate.overlaps(network) for network in taken):
             return candidate

@@ -39,7 +39,7 @@ import pytest
 
 from overlay.dataplane import vtep_mac
 from overlay.etcd import EtcdStore
-from overlay.lab import Lab
+from overlay.lab import FAKE_PEER_POOL, Lab
 from overlay.lease import subnet_key
 from tests.support.cni import Plugin, allocations, host_veths
 from tests.support.etcd import etcdctl, leader_index
@@ -392,7 +392,8 @@ def fake_peers(lab: Lab, count: int) -> dict[IPv4Network, tuple[str, str]]:
     free = [subnet for subnet in config.network.subnets(new_prefix=config.subnet_len)
             if config.holds(subnet) and subnet not in taken]
     assert len(free) >= count
-    return {subnet: (str(IPv4Address("100.64.0.1") + index), vtep_mac(IPv4Address("100.64.0.1") + index, 1))
+    first = FAKE_PEER_POOL.network_address + 1
+    return {subnet: (str(first + index), vtep_mac(first + index, 1))
             for index, subnet in enumerate(free[:count])}
 
 

@@ -37,3 +37,12 @@ def test_underlay_mac_is_unicast_local_and_follows_the_address():
     mac = underlay_mac(IPv4Address("198.18.3.11"))
     assert mac == "02:00:c6:12:03:0b"
     assert underlay_mac(IPv4Address("198.18.3.11")) == mac != underlay_mac(IPv4Address("198.18.3.12"))
+
+
+def test_fake_peer_addresses_are_never_a_labs_underlay():
+    from overlay.lab import FAKE_PEER_POOL, UNDERLAY_POOL
+    assert FAKE_PEER_POOL.subnet_of(UNDERLAY_POOL)
+    everything_before = [IPv4Network("198.18.0.0/16"), IPv4Network("198.19.0.0/17"), IPv4Network("198.19.128.0/18"),
+                         IPv4Network("198.19.192.0/19")]
+    with pytest.raises(LabError):
+        first_free_underlay(everything_before)   # only the fake peers' /19 is left, and it is not for labs
