@@ -654,14 +654,17 @@ class Lab:
             parse_config(raw_config)
         except ConfigError as exc:
             raise LabError(f"network config refused: {exc}") from None
-        leftovers = self.leftovers()
-        if self._state is not None or leftovers:
-            raise LabError(f"lab {self.name!r} already exists ({', '.join(leftovers) or self.state_dir}); "
-                           f"take it down first: overlayctl lab down --name {self.name}")
+        with _allocation_lock():
+            # Checked and claimed (the state dir) under the lock: of two `up`s of one name, the
+            # second is refused here, before the rollback below, which would take down the first.
+            leftovers = self.leftovers()
+            if self._state is not None or leftovers or self.state_dir.exists():
+                raise LabError(f"lab {self.name!r} already exists ({', '.join(leftovers) or self.state_dir}); "
+                               f"take it down first: overlayctl lab down --name {self.name}")
+            self.state_dir.mkdir(parents=True)
         try:
             with _allocation_lock():
                 underlay = self._choose_underlay()
-                self.state_dir.mkdir(parents=True, exist_ok=True)
                 (self.state_dir / "logs").mkdir(exist_ok=True)
                 self._state = {
                     "version": STATE_VERSION, "name": self.name, "phase": "creating",

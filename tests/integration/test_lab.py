@@ -168,6 +168,18 @@ def test_down_after_up_crashed_half_way(lab_name):
     assert_gone(lab_name, pids)
 
 
+def test_an_up_of_a_name_another_up_has_claimed_is_refused_and_takes_nothing_down(lab_name):
+    # Another `up` of this name has claimed it (its state dir) and made nothing yet: ours must
+    # refuse, and must not roll back (which would take the other one's lab down).
+    claimed = LAB_ROOT / lab_name
+    claimed.mkdir(parents=True)
+    marker = claimed / "theirs"
+    marker.write_text("the other up's")
+    with pytest.raises(LabError, match="already exists"):
+        Lab(lab_name).up(hosts=1, start_daemons=False)
+    assert marker.exists() and not lab_objects(lab_name)
+
+
 def test_three_member_etcd_and_a_second_lab_beside_it(lab_name):
     other_name = lab_name[:-1] + ("x" if lab_name[-1] != "x" else "y")
     try:

@@ -7,7 +7,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, TypeVar
 
-from overlay.lab import Lab, teardown, wait_until
+from overlay.lab import LAB_ROOT, Lab, teardown, wait_until
 
 T = TypeVar("T")
 _NAME_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -21,7 +21,10 @@ def unique_lab_name(letter: str) -> str:
 @contextmanager
 def fresh_lab(letter: str) -> Iterator[Lab]:
     """A new, empty lab handle; everything the lab made is removed afterwards, also on failure."""
-    name = unique_lab_name(letter)
+    # A name no lab has now (another run's lab must never be taken down by this one's teardown;
+    # Lab.up itself refuses a name taken meanwhile, under its lock).
+    name = next(candidate for candidate in (unique_lab_name(letter) for _ in range(100))
+                if not Lab(candidate).leftovers() and not (LAB_ROOT / candidate).exists())
     try:
         with Lab(name) as handle:
             yield handle
