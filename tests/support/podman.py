@@ -112,8 +112,18 @@ runroot = "{root}/runroot"
         self.run("import", str(tarball), IMAGE)
         return IMAGE
 
+    def _own_namespaces(self) -> set[str]:
+        """The network namespaces of this podman's containers (its store is ours alone)."""
+        ids = self.run("ps", "--all", "--quiet", check=False).stdout.split()
+        if not ids:
+            return set()
+        keys = self.run("inspect", "--format", "{{.NetworkSettings.SandboxKey}}", *ids, check=False).stdout
+        return {Path(key).name for key in keys.split() if key.startswith("/")}
+
     def close(self) -> None:
+        own: set[str] = set()
         try:
+            own = self._own_namespaces()
             self.run("rm", "--all", "--force", "--time", "0", check=False)
             self.run("rmi", "--all", "--force", check=False)
         finally:
@@ -121,9 +131,9 @@ runroot = "{root}/runroot"
                 mountpoint = line.split()[1]
                 if mountpoint.startswith(str(self.root) + "/"):
                     subprocess.run(["umount", "-l", mountpoint], capture_output=True)
-            for name in _netns_names() - self.netns_before:
-                if name.startswith("netns-"):
-                    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+            # Only our containers' namespaces that podman left: another podman's are not ours.
+            for name in own & (_netns_names() - self.netns_before):
+                subprocess.run(["ip", "netns", "del", name], capture_output=True)
             for path in MACHINE_PATHS:
                 if path not in self._machine_paths_before:
                     shutil.rmtree(path, ignore_errors=True)
