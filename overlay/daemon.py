@@ -304,6 +304,11 @@ class Daemon:
                 self.status.problem = f"etcd unreachable: {exc}"
                 log.warning("etcd unreachable while taking a lease: %s", exc)
                 await asyncio.sleep(backoff.next())
+            except LeaseLost as exc:
+                # The etcd lease granted for a claim expired before the claim landed (a short
+                # TTL and a slow member): claim again.
+                log.warning("the new lease expired before the claim landed (%s); claiming again", exc)
+                await asyncio.sleep(backoff.next())
 
     async def _adopt(self, lease: Lease, attrs: LeaseAttrs) -> tuple[Lease | None, int]:
         """The lease, ours again (its attributes brought up to date), and the TTL etcd granted
@@ -628,11 +633,6 @@ class Daemon:
                     if self.cni is not None:
                         self.cni.set_ready(True)
                 await self._watch_until_lease_lost(backoff)
-            except LeaseLost as exc:
-                # The lease just granted for a claim expired before the claim landed (a short
-                # TTL and a slow etcd): claim again.
-                log.warning("claiming a subnet failed: %s; trying again", exc)
-                await asyncio.sleep(backoff.next())
             except WatchCompacted as exc:
                 log.warning("watch from revision %d compacted (now %d): re-listing every lease",
                             self.revision + 1, exc.compact_revision)

@@ -306,6 +306,12 @@ def _claim_from_kv(kv: kv_pb2.KeyValue, prefix: str) -> Claim | None:
     return Claim(address, attrs, kv.lease, kv.mod_revision)
 
 
+def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    """An error of our own that _request handles as gRPC's (retried like a transient one).
+    Both metadata arguments are given: grpcio before 1.8x requires them."""
+    return grpc.aio.AioRpcError(code, None, None, details=details)
+
+
 def prefix_end(prefix: bytes) -> bytes:
     """The range_end that makes a range request cover every key starting with prefix."""
     end = bytearray(prefix)
@@ -762,10 +768,10 @@ class EtcdStore:
             await stream.create(request, timeout)
         except asyncio.TimeoutError:
             await stream.close()
-            raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, details="watch not created in time") from None
+            raise _rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "watch not created in time") from None
         except _StreamBroken as exc:
             await stream.close()
-            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, details=str(exc)) from None
+            raise _rpc_error(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
         except BaseException:
             await stream.close()
             raise
@@ -796,7 +802,7 @@ class EtcdStore:
                     return lease_id  # an earlier attempt of ours got through; its reply was lost
                 # Another lease has this ID (odds 2**-63): pick another and go round again.
                 lease_id, tries_of_this_id = random.randint(1, _MAX_LEASE_ID), 0
-                raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, details="lease ID taken") from None
+                raise _rpc_error(grpc.StatusCode.UNAVAILABLE, "lease ID taken") from None
             if response.error:
                 raise StoreError(f"{conn.endpoint.url}: lease grant refused: {response.error}")
             return response.ID

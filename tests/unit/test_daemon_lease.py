@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 from ipaddress import IPv4Address
+from pathlib import Path
 
+from overlay.config import parse_config
 from overlay.daemon import Backoff, Daemon, DaemonSettings
 from overlay.dataplane import Underlay
 from overlay.errors import LeaseLost, StoreUnavailable, WatchCompacted
 from overlay.etcd import EtcdSettings, LeaseEvent
+from overlay.lease import Lease
 
 from .test_daemon_relist import OWN, lease
 
@@ -193,3 +196,29 @@ def test_closing_the_cni_service_leaves_the_loop_free_for_calls_in_flight():
         await daemon._close_cni_service()
         return daemon.cni.finished
     assert run(daemon, scenario())
+
+
+class ClaimLosesItsFirstLease:
+    """etcd in which the first claim's fresh lease expires before the claim lands."""
+
+    def __init__(self):
+        self.claims = 0
+
+    async def list_leases(self):
+        return [], 7
+
+    async def claim_subnet(self, subnet, attrs, ttl):
+        self.claims += 1
+        if self.claims == 1:
+            raise LeaseLost("etcdserver: requested lease not found")
+        return Lease(subnet, attrs, lease_id=42, mod_revision=8)
+
+
+def test_a_claim_whose_new_lease_expired_before_it_landed_is_made_again():
+    store = ClaimLosesItsFirstLease()
+    daemon = daemon_with(store)
+    daemon.own = None
+    daemon.config = parse_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}')
+    daemon.settings = replace(daemon.settings, run_dir=Path("/nonexistent/ovl-test"))
+    run(daemon, daemon._acquire_lease())
+    assert store.claims == 2 and daemon.own.lease_id == 42 and daemon.revision == 7
