@@ -662,21 +662,29 @@ class EtcdStore:
 
     async def settle_claim(self, claim: Claim, attrs: ClaimAttrs | None) -> bool:
         """Rewrite a claim exactly as it was seen: Txn If(mod_revision == claim's) Then(put attrs
-        bound to the claim's own lease; or delete when attrs is None). True when done; False
-        when the claim changed or is gone meanwhile. The origin writes its grant this way (the
-        key still dies with the claimant's lease); withdrawals of a decided claim too."""
+        bound to the claim's own lease; or delete when attrs is None) Else(range). True when
+        done; False when the claim changed or is gone meanwhile. The origin writes its grant
+        this way (the key still dies with the claimant's lease); withdrawals of a decided claim
+        too. Idempotent: a retry whose first attempt landed (its reply lost) finds the key
+        holding what we wrote, or gone when we deleted it, and that counts as done."""
         key = claim_key(self._prefix, claim.address).encode()
+        value = attrs.to_json().encode() if attrs is not None else b""
         change = (rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=key)) if attrs is None else
-                  rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, value=attrs.to_json().encode(),
-                                                                   lease=claim.lease_id)))
+                  rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, value=value, lease=claim.lease_id)))
         txn = rpc_pb2.TxnRequest(
             compare=[rpc_pb2.Compare(key=key, target=rpc_pb2.Compare.MOD, result=rpc_pb2.Compare.EQUAL,
                                      mod_revision=claim.mod_revision)],
-            success=[change])
+            success=[change],
+            failure=[rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=key))])
 
         async def attempt(conn: _Connection, timeout: float) -> bool:
             response = await conn.kv.Txn(txn, timeout=timeout, metadata=REQUIRE_LEADER)
-            return response.succeeded
+            if response.succeeded:
+                return True
+            kvs = response.responses[0].response_range.kvs if response.responses else []
+            if attrs is None:
+                return not kvs
+            return bool(kvs) and kvs[0].value == value and kvs[0].lease == claim.lease_id
         return await self._request(f"settle the claim on {claim.address}", attempt)
 
     # ---------------------------------------------------------------- generic keys

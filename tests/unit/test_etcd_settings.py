@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import grpc.aio
 import pytest
 from aetcd.rpc import kv_pb2, rpc_pb2
 
+from overlay.claims import ClaimAttrs, Grant
 from overlay.errors import ConfigError, LeaseLost, StoreError
 from overlay.etcd import (EtcdSettings, EtcdStore, LeaseEvent, prefix_end, is_transient, lease_event,
                           parse_endpoint, refusal)
@@ -262,7 +264,10 @@ class LostReplyEtcd:
         else:
             holds = (kv.mod_revision if kv else 0) == compare.mod_revision
         response = rpc_pb2.TxnResponse(succeeded=holds)
-        if holds:
+        if holds and request.success[0].HasField("request_delete_range"):
+            self.keys.pop(compare.key, None)
+            self.revision += 1
+        elif holds:
             put = request.success[0].request_put
             if put.lease and put.lease not in self.leases:
                 raise grpc.aio.AioRpcError(grpc.StatusCode.NOT_FOUND, None, None,
@@ -318,3 +323,19 @@ def test_an_update_whose_reply_was_lost_is_not_reported_as_lost():
     assert updated.attrs == changed and updated.mod_revision == fake.revision
     with pytest.raises(LeaseLost):    # and a real change by someone else still is
         asyncio.run(store_on(fake).update_lease_attrs(lease, ATTRS))
+
+
+def test_a_claim_settled_whose_reply_was_lost_is_done():
+    fake = LostReplyEtcd(set())
+    store = store_on(fake)
+    address = IPv4Address("10.244.3.9")
+    attrs = ClaimAttrs(ATTRS.public_ip, ATTRS.vtep_mac, SUBNET, "mover", Grant.PENDING)
+    won, claim = asyncio.run(store.claim_address(address, attrs, 0))
+    assert won
+    fake.lose = {"Txn"}     # the decision lands, its reply does not: the retry finds it there
+    assert asyncio.run(store_on(fake).settle_claim(claim, attrs.decided(Grant.GRANTED)))
+    key = next(iter(fake.keys))
+    granted = replace(claim, attrs=attrs.decided(Grant.GRANTED), mod_revision=fake.keys[key].mod_revision)
+    assert not asyncio.run(store_on(fake).settle_claim(claim, attrs.decided(Grant.REFUSED, "in use")))  # stale
+    fake.lose = {"Txn"}     # the same for a withdrawal: the key is gone, as we asked
+    assert asyncio.run(store_on(fake).settle_claim(granted, None)) and not fake.keys
