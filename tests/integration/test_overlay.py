@@ -271,17 +271,21 @@ def test_health_metrics_and_systemd_readiness(lab, tmp_path):
     assert 0 < values["overlay_lease_seconds_left"] <= 24 * 3600
 
 
+def etcd_lease_of(lab: Lab, host: str) -> int | None:
+    """The etcd lease the host's subnet key is bound to now (None: the key is gone)."""
+    found = json.loads(lab.etcdctl("get", subnet_key(PREFIX, lab.subnet(host)), "-w", "json").stdout).get("kvs", [])
+    return found[0]["lease"] if found else None
+
+
 def test_the_lease_is_renewed_before_it_expires(lab):
     ttl = 2
     lab.up(hosts=2, subnet_lease_ttl=ttl)
     lab.wait_converged(timeout=90)
-    key = subnet_key(PREFIX, lab.subnet("h1"))
-    first = json.loads(lab.etcdctl("get", key, "-w", "json").stdout)["kvs"][0]["lease"]
+    first = etcd_lease_of(lab, "h1")
     # Watch the key for four TTLs: it must never lapse, and stay bound to the same etcd lease.
     watched_until = time.monotonic() + 4 * ttl
     while time.monotonic() < watched_until:
-        found = json.loads(lab.etcdctl("get", key, "-w", "json").stdout).get("kvs", [])
-        assert found and found[0]["lease"] == first, f"lease of {key} lapsed or was replaced"
+        assert etcd_lease_of(lab, "h1") == first, "h1's lease lapsed or was replaced"
     assert lab.ready("h1") and lab.converged()
 
 
@@ -291,8 +295,7 @@ def test_a_restarted_daemon_renews_the_lease_it_adopts_before_anything_else(lab)
     ttl = 10
     lab.up(hosts=2, subnet_lease_ttl=ttl)
     lab.wait_converged(timeout=90)
-    key = subnet_key(PREFIX, lab.subnet("h1"))
-    lease_id = json.loads(lab.etcdctl("get", key, "-w", "json").stdout)["kvs"][0]["lease"]
+    lease_id = etcd_lease_of(lab, "h1")
 
     def seconds_left() -> int:
         return json.loads(lab.etcdctl("lease", "timetolive", format(lease_id, "x"), "-w", "json").stdout)["ttl"]
@@ -304,7 +307,7 @@ def test_a_restarted_daemon_renews_the_lease_it_adopts_before_anything_else(lab)
     lab.start_daemon("h1")
     wait_for(lambda: lab.ready("h1"), "h1 ready again", timeout=60)
     assert seconds_left() > left_at_start, "the adopted lease was not renewed on adoption"
-    assert json.loads(lab.etcdctl("get", key, "-w", "json").stdout)["kvs"][0]["lease"] == lease_id   # adopted
+    assert etcd_lease_of(lab, "h1") == lease_id   # adopted, not claimed anew
     assert lab.converged()
 
 

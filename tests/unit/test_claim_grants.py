@@ -22,10 +22,11 @@ from overlay.claimhook import ClaimFollower, ClaimGranter, ClaimHook
 from overlay.claims import Claim, ClaimAttrs, Grant, parse_claim_value
 from overlay.config import parse_config
 from overlay.dataplane import Underlay, desired_state, vtep_mac
-from overlay.errors import ClaimParseError, StoreError, StoreUnavailable, WatchCompacted
+from overlay.errors import ClaimParseError, StoreError
 from overlay.etcd import ClaimEvent
 from overlay.lease import Lease, LeaseAttrs
 from overlay.moves import decide_claims, initial_grant, moved_routes, origin_of, reserved_in
+from tests.support.stores import CompactedAndUnreachable, HeldBackListing, requests_in_a_second
 
 CONFIG = parse_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}')
 UNDERLAY = Underlay("eth0", IPv4Address("198.18.0.11"), 1500, IPv4Network("198.18.0.0/24"))
@@ -465,24 +466,6 @@ def test_woken_tells_a_wake_up_from_the_interval_running_out_and_clears_the_even
     assert asyncio.run(asyncio.wait_for(body(), 30)) == (True, True, False, True, False)
 
 
-class HeldBackListing:
-    """list_claims answered from a script; the first answer held back until released, as a reply
-    still on its way while the watch delivers."""
-
-    def __init__(self, *listings):
-        self.listings = list(listings)
-        self.read, self.deliver = asyncio.Event(), asyncio.Event()
-        self.calls = 0
-
-    async def list_claims(self):
-        self.calls += 1
-        answer = self.listings.pop(0)
-        if self.calls == 1:
-            self.read.set()
-            await self.deliver.wait()
-        return answer
-
-
 def test_a_claims_listing_older_than_an_event_the_watch_applied_meanwhile_does_not_undo_it():
     granted = claim("10.244.1.9", PEER_A, revision=5)
 
@@ -533,33 +516,8 @@ def test_the_claims_watch_outlives_errors_etcd_answers_with():
     assert asyncio.run(asyncio.wait_for(scenario(), 30)) and store.calls >= 4
 
 
-class CompactedAndUnreachable:
-    """Every watch finds its revision compacted, and every listing fails: the state a watch
-    falls into when etcd goes away right after compacting."""
-
-    def __init__(self):
-        self.calls = 0
-
-    async def list_claims(self):
-        self.calls += 1
-        await asyncio.sleep(0)   # a real request suspends: a loop without a pause spins, countably
-        raise StoreUnavailable("no endpoint answers")
-
-    async def watch_claims(self, start_revision):
-        self.calls += 1
-        await asyncio.sleep(0)
-        raise WatchCompacted(start_revision + 10)
-        yield   # an async generator, as the store's
-
-
 def test_a_compacted_claims_watch_whose_relisting_fails_backs_off():
     store = CompactedAndUnreachable()
     follower = ClaimFollower(store, lambda: None)
-
-    async def scenario():
-        watching = asyncio.create_task(follower.run())
-        await asyncio.sleep(1.0)   # the span over which requests are counted, not a wait for a condition
-        watching.cancel()
-        await asyncio.gather(watching, return_exceptions=True)
-    asyncio.run(asyncio.wait_for(scenario(), 30))
-    assert 2 <= store.calls <= 20, f"{store.calls} requests in a second: no backing off"
+    calls = asyncio.run(asyncio.wait_for(requests_in_a_second(follower.run, store), 30))
+    assert 2 <= calls <= 20, f"{calls} requests in a second: no backing off"

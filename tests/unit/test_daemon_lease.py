@@ -14,9 +14,11 @@ from pathlib import Path
 from overlay.config import parse_config
 from overlay.daemon import Backoff, Daemon, DaemonSettings
 from overlay.dataplane import Underlay
-from overlay.errors import LeaseLost, StoreUnavailable, WatchCompacted
+from overlay.errors import LeaseLost
 from overlay.etcd import EtcdSettings, LeaseEvent
 from overlay.lease import Lease
+
+from tests.support.stores import CompactedAndUnreachable, requests_in_a_second
 
 from .test_daemon_relist import OWN, lease
 
@@ -141,36 +143,11 @@ def test_our_subnet_announced_by_another_host_is_a_lost_lease():
     assert daemon.lease_lost.is_set()
 
 
-class CompactedAndUnreachable:
-    """Every watch finds its revision compacted and every listing fails (etcd went away right
-    after compacting)."""
-
-    def __init__(self):
-        self.calls = 0
-
-    async def list_leases(self):
-        self.calls += 1
-        await asyncio.sleep(0)   # a real request suspends: a loop without a pause spins, countably
-        raise StoreUnavailable("no endpoint answers")
-
-    async def watch_leases(self, start_revision: int):
-        self.calls += 1
-        await asyncio.sleep(0)
-        raise WatchCompacted(start_revision + 10)
-        yield   # an async generator, as the store's
-
-
 def test_a_compacted_lease_watch_whose_relisting_fails_backs_off():
     store = CompactedAndUnreachable()
     daemon = daemon_with(store)
-
-    async def scenario():
-        watching = asyncio.create_task(daemon._watch_loop())
-        await asyncio.sleep(1.0)   # the span over which requests are counted, not a wait for a condition
-        watching.cancel()
-        await asyncio.gather(watching, return_exceptions=True)
-    run(daemon, scenario())
-    assert 2 <= store.calls <= 20, f"{store.calls} requests in a second: no backing off"
+    calls = run(daemon, requests_in_a_second(daemon._watch_loop, store))
+    assert 2 <= calls <= 20, f"{calls} requests in a second: no backing off"
 
 
 class CallNeedingTheLoop:

@@ -15,6 +15,7 @@ from overlay.daemon import Daemon, DaemonSettings
 from overlay.dataplane import Underlay
 from overlay.etcd import EtcdSettings, LeaseEvent
 from overlay.lease import Lease, LeaseAttrs
+from tests.support.stores import HeldBackListing
 
 
 def lease(host: int, revision: int) -> Lease:
@@ -25,26 +26,7 @@ def lease(host: int, revision: int) -> Lease:
 OWN, STAYS, LEAVES = lease(1, 2), lease(2, 3), lease(3, 4)
 
 
-class ListingStore:
-    """A store whose listings are answered from a script; the first answer is held back until
-    the test releases it, as a reply still on its way while the watch delivers."""
-
-    def __init__(self, *listings: tuple[list[Lease], int]):
-        self.listings = list(listings)
-        self.read = asyncio.Event()      # the first listing was taken
-        self.deliver = asyncio.Event()   # ... and may now arrive
-        self.calls = 0
-
-    async def list_leases(self) -> tuple[list[Lease], int]:
-        self.calls += 1
-        answer = self.listings.pop(0)
-        if self.calls == 1:
-            self.read.set()
-            await self.deliver.wait()
-        return answer
-
-
-def daemon_with(store: ListingStore) -> Daemon:
+def daemon_with(store: HeldBackListing) -> Daemon:
     daemon = Daemon(DaemonSettings(etcd=EtcdSettings(endpoints=("http://127.0.0.1:2379",))))
     daemon.store = store
     daemon.own = OWN
@@ -58,7 +40,7 @@ def test_a_listing_older_than_an_event_the_watch_applied_meanwhile_does_not_undo
     async def scenario() -> Daemon:
         # Read at revision 4, before the lost host's lease was deleted at revision 5; then a
         # fresh listing that reflects the delete.
-        store = ListingStore(([OWN, STAYS, LEAVES], 4), ([OWN, STAYS], 5))
+        store = HeldBackListing(([OWN, STAYS, LEAVES], 4), ([OWN, STAYS], 5))
         daemon = daemon_with(store)
         try:
             relist = asyncio.create_task(daemon._relist())
@@ -78,7 +60,7 @@ def test_a_listing_older_than_an_event_the_watch_applied_meanwhile_does_not_undo
 def test_a_listing_at_least_as_new_as_the_watch_is_applied():
     async def scenario() -> Daemon:
         joined = lease(4, 6)
-        store = ListingStore(([OWN, STAYS, joined], 6))
+        store = HeldBackListing(([OWN, STAYS, joined], 6))
         daemon = daemon_with(store)
         try:
             relist = asyncio.create_task(daemon._relist())
