@@ -112,6 +112,8 @@ _BROKEN_CONNECTION = ("stream removed", "rst_stream", "goaway", "socket closed",
                       # etcd's own time-outs while a new leader is elected (seen as UNKNOWN on a
                       # lease renewal right after the leader was killed).
                       "context deadline exceeded", "request timed out", "leader changed")
+# A watch etcd cancels for these reasons is refused, not broken: another member says the same.
+_REFUSED_WATCH = ("permission denied", "user name is empty", "invalid auth token", "authentication")
 # What gRPC says when TLS fails. A server that refuses our (missing) client certificate shows up
 # only as "Unwrap failed (TSI_DATA_CORRUPTED)": TLS 1.3 finishes the client's side of the handshake
 # before the server's verdict arrives.
@@ -410,9 +412,13 @@ class _WatchStream:
         if response.compact_revision:
             raise WatchCompacted(response.compact_revision)
         if response.canceled:
+            reason = response.cancel_reason or "no reason given"
+            if any(word in reason.lower() for word in _REFUSED_WATCH):
+                # Every member answers so: etcd refuses, it is not away (as for any other request).
+                raise StoreError(f"{self.endpoint.url}: watch refused: {reason}")
             # Compaction is handled above; the other cancellations (no leader, member stopping)
             # are worth a try elsewhere.
-            raise _StreamBroken(f"{self.endpoint.url}: watch cancelled: {response.cancel_reason or 'no reason given'}")
+            raise _StreamBroken(f"{self.endpoint.url}: watch cancelled: {reason}")
 
     async def _ping(self) -> None:
         request = rpc_pb2.WatchRequest(progress_request=rpc_pb2.WatchProgressRequest())

@@ -339,3 +339,39 @@ def test_a_claim_settled_whose_reply_was_lost_is_done():
     assert not asyncio.run(store_on(fake).settle_claim(claim, attrs.decided(Grant.REFUSED, "in use")))  # stale
     fake.lose = {"Txn"}     # the same for a withdrawal: the key is gone, as we asked
     assert asyncio.run(store_on(fake).settle_claim(granted, None)) and not fake.keys
+
+
+class CancellingWatch:
+    """A Watch call that etcd cancels at creation with `reason`."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def Watch(self, **_):
+        return self
+
+    async def write(self, request):
+        pass
+
+    async def read(self):
+        return rpc_pb2.WatchResponse(created=True, canceled=True, cancel_reason=self.reason)
+
+    def done(self):
+        return True
+
+    def cancel(self):
+        pass
+
+
+@pytest.mark.parametrize("reason, refused", [("etcdserver: permission denied", True),
+                                             ("etcdserver: invalid auth token", True),
+                                             ("etcdserver: no leader", False), ("", False)])
+def test_a_watch_cancelled_for_permissions_is_refused_not_broken(reason, refused):
+    from overlay.etcd import _StreamBroken, _WatchStream
+    store = EtcdStore(EtcdSettings(endpoints=("http://10.0.0.1:2379",)))
+
+    class Connection:
+        index, endpoint, watch = 0, store._endpoints[0], CancellingWatch(reason)
+    stream = _WatchStream(Connection(), progress_interval=1.0, stale_after=5.0)
+    with pytest.raises(StoreError if refused else _StreamBroken):
+        asyncio.run(stream.create(rpc_pb2.WatchCreateRequest(key=b"/x"), 1.0))
