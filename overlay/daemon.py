@@ -819,7 +819,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-dir", default=env("OVERLAY_RUN_DIR", str(DEFAULT_RUN_DIR)),
                         help="where subnet.env and the CNI socket live [OVERLAY_RUN_DIR]")
     parser.add_argument("--ip-masq", action="store_true", default=_env_flag("OVERLAY_IP_MASQ"),
-                        help="masquerade traffic leaving the overlay network [OVERLAY_IP_MASQ]")
+                        help="masquerade traffic leaving the overlay network, and entering it from outside "
+                             "other than to this host's own subnet (flannel's rules) [OVERLAY_IP_MASQ]")
     parser.add_argument("--healthz-ip", default=env("OVERLAY_HEALTHZ_IP", "0.0.0.0"), help="[OVERLAY_HEALTHZ_IP]")
     # Defaults from the environment stay strings: argparse converts them with `type`, so a bad
     # value is reported as a usage error naming the option, not as a traceback.
