@@ -40,6 +40,9 @@ _NAME_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 # ------------------------------------------------------------------------------- statistics
 
+P99_SAMPLES = 100   # fewer samples than this: their p99 is about their maximum, and is said to be one
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0..100), interpolating linearly between order statistics."""
     if not values:

@@ -25,7 +25,8 @@ Design notes
   (polled every 10 ms, so it includes the interpreter's start-up), with the daemon's own
   "ready ... s after start" from its log beside it.
 - Leaving: SIGTERM the newcomer's daemon (which leaves its lease), delete its lease with etcdctl,
-  and wait for all three "Deleted" events on every observer (that removal time is reported too).
+  and wait for all three "Deleted" events on every observer (that removal time is reported too,
+  from the delete being in etcd: the earlier of our watch's DELETE and the first removal seen).
   The next join reuses the newcomer's namespace with its VXLAN device and subnet file removed:
   to the others it is a new host with a new lease (a random subnet); its public IP and VTEP MAC
   are the same, so the join must wait for that clean-up or it would find objects present. At
@@ -49,7 +50,7 @@ from datetime import datetime
 from overlay.lab import Lab, LabHost
 from overlay.lease import subnets_prefix
 
-from .common import Progress, bench_lab, machine, now_iso, summary, write_result
+from .common import P99_SAMPLES, Progress, bench_lab, machine, now_iso, summary, write_result
 
 _STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)\]\s?(.*)$")
 _READY_LOG = re.compile(r"ready: subnet \S+, \d+ peers, ([0-9.]+) s after start")
@@ -264,19 +265,24 @@ def join_once(lab: Lab, host: LabHost, watch: EtcdWatch, monitors: dict[str, Ker
     # Leave: lease deleted by hand (SIGTERM leaves it), every observer removes all three objects.
     lab.stop_daemon(host)
     marks = {name: len(monitor.stream) for name, monitor in monitors.items()}
-    deleted_at = time.time()
+    first_delete_event = len(watch.events())
     lab.etcdctl("del", lease[1])
     limit = time.monotonic() + deadline
     while True:
         gone = {name: _objects_seen(monitor.stream.since(marks[name]), subnet, gateway, str(host.public_ip),
                                     mac, device, deleted=True)
                 for name, monitor in monitors.items()}
-        if all(len(kinds) == 3 for kinds in gone.values()):
+        deleted = next((stamp for stamp, kind, key, _ in watch.events(first_delete_event)
+                        if kind == "DELETE" and key == lease[1]), None)
+        if deleted is not None and all(len(kinds) == 3 for kinds in gone.values()):
             break
         if time.monotonic() > limit:
             raise RuntimeError(f"{host.name} left, but not every observer removed its objects: "
                                f"{ {n: sorted({'route', 'neighbour', 'fdb'} - set(k)) for n, k in gone.items() if len(k) < 3} }")
         time.sleep(0.01)
+    # From the delete being in etcd, stamped as the join is (not from etcdctl's start, which
+    # added its process start-up and connection to every figure).
+    deleted_at = min([deleted] + [min(kinds.values()) for kinds in gone.values()])
     result["removed_all_s"] = max(max(kinds.values()) for kinds in gone.values()) - deleted_at if gone else 0.0
     return result
 
@@ -339,11 +345,15 @@ def run(results_dir, options: ConvergenceOptions | None = None, progress: Progre
             for monitor in monitors.values():
                 monitor.stop()
             watch.stop()
-    largest = payload["sizes"][str(sizes[-1])]
-    payload["target"] = {"what": "p99 of lease-to-every-host under 200 ms at 50 hosts",
-                         "hosts": sizes[-1], "p99_ms": largest["converged_all_ms"].get("p99"),
+    largest = payload["sizes"][str(sizes[-1])]["converged_all_ms"]
+    # A p99 needs about 100 joins; with fewer, their p99 is about their maximum, and the target is
+    # judged on the slowest join (which the true p99 is below 9 times in 10 at 10 joins).
+    tail = largest.get("p99") if largest.get("n", 0) >= P99_SAMPLES else largest.get("max")
+    payload["target"] = {"what": "lease-to-every-host under 200 ms at 50 hosts, p99 (the slowest join when "
+                                 f"there are fewer than {P99_SAMPLES})",
+                         "hosts": sizes[-1], "limit_ms": 200, "p99_ms": largest.get("p99"), "tail_ms": tail,
                          # None: the run did not reach 50 hosts, so the target was not tested.
-                         "met": (largest["converged_all_ms"].get("p99", 1e9) < 200) if sizes[-1] >= 50 else None}
+                         "met": (tail if tail is not None else 1e9) < 200 if sizes[-1] >= 50 else None}
     payload["finished"] = now_iso()
     written = write_result(results_dir, "convergence", payload)
     progress(f"wrote {written}")

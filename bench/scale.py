@@ -398,7 +398,9 @@ def run(results_dir, options: ScaleOptions | None = None, progress: Progress | N
     payload["targets"] = {
         "peers": max(options.sizes),
         "program_under_5_s": largest["program_from_last_write_s"]["median"] < 5.0 if at_target else None,
-        "one_change_under_20_ms": largest["one_change_add_ms"].get("median", 1e9) < 20.0 if at_target else None,
+        # From the put's answer: an upper bound (our own watch can hear of the lease after the daemon).
+        "one_change_under_20_ms": (largest.get("one_change_add_from_put_ms") or largest["one_change_add_ms"]).get(
+            "median", 1e9) < 20.0 if at_target else None,
         "rss_under_150_mb": largest["rss_mb_live"]["VmHWM"] < 150.0 if at_target else None,
         "idle_cpu_under_1_percent": largest["idle_cpu"]["percent_overall"] < 1.0 if at_target else None,
     }
