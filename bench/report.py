@@ -209,7 +209,7 @@ def scale_section(p: dict) -> list[str]:
     opts = p.get("options", {})
     out = ["## Scale (one daemon, fake peers written straight into etcd)", "",
            f"{opts.get('repeats')} live programming runs per size (from the last etcd write acknowledged to "
-           "every route in the kernel, seen by listing the routes every 50 ms: up to one listing late), one "
+           "the kernel's notification of the last route, `ip -ts monitor`), one "
            "change = one lease added, to its route notification from our own etcd watch seeing it (which on "
            "a busy machine can hear of it after the daemon, hence negative p5s) and from the put's answer "
            "(an upper bound: it includes etcd's own delivery), "
