@@ -372,16 +372,16 @@ class Attacher:
     def delete(self, inv: spec.Invocation) -> str:
         key = AttachmentKey(inv.name, inv.container_id, inv.ifname)
         try:
-            allocation = self.store.lookup(key)
-        except StateFailure:
-            # The records cannot be read: the veth still goes (by the name ADD gives it), and the
-            # DEL fails so that the runtime tries again once the records are readable.
-            with host_links() as host:
-                host.delete(host_ifname(inv.container_id, inv.ifname))
-            raise
+            allocation, unreadable = self.store.lookup(key), None
+        except StateFailure as exc:
+            allocation, unreadable = None, exc
         host_name = allocation.host_ifname if allocation is not None else host_ifname(inv.container_id, inv.ifname)
         with host_links() as host:
             host.delete(host_name)     # absent is fine: DEL is idempotent
+        if unreadable is not None:
+            # The records cannot be read: the veth is gone (by the name ADD gives it), and the
+            # DEL fails so that the runtime tries again once the records are readable.
+            raise unreadable
         if allocation is not None:
             if allocation.claimed and self.claims is None:
                 raise ServiceUnavailable(f"{allocation.address} is claimed in etcd and only the overlay "

@@ -61,6 +61,11 @@ from .moves import Decision, decide_claims, initial_grant, is_own_claim, origin_
 
 log = logging.getLogger("overlayd.claims")
 
+CALL_TIMEOUT_S = 15.0   # above the store's own request budget (5 s): it gives up first
+GRANT_TIMEOUT_S = 5.0   # how long an ADD waits for the origin's decision
+GRANT_REREAD_S = 1.0    # a fresh read of the claim this often while waiting (a stalled watch)
+_WITHDRAW_ATTEMPTS = 3
+
 
 async def woken(wake: asyncio.Event, interval: float) -> bool:
     """Wait for `wake` or for `interval` (less up to a fifth, so hosts drift apart), then clear
@@ -72,11 +77,6 @@ async def woken(wake: asyncio.Event, interval: float) -> bool:
         woke = False
     wake.clear()
     return woke
-
-CALL_TIMEOUT_S = 15.0   # above the store's own request budget (5 s): it gives up first
-GRANT_TIMEOUT_S = 5.0   # how long an ADD waits for the origin's decision
-GRANT_REREAD_S = 1.0    # a fresh read of the claim this often while waiting (a stalled watch)
-_WITHDRAW_ATTEMPTS = 3
 
 
 class ClaimHook:

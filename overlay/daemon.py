@@ -737,22 +737,9 @@ class Daemon:
             if self.lease_lost.is_set() or lease is None:
                 continue
             try:
-                left = await self.store.keepalive(lease.lease_id, attempt_timeout)
-                if self.own is not lease or self.lease_lost.is_set():
-                    continue   # lost and re-acquired meanwhile: this answer is about the old lease
-                self.status.store_reachable = True
-                if left <= 0:
-                    log.warning("etcd lease of %s expired: re-acquiring", self.own.subnet)
-                    self._mark_lease_lost()
-                    self.dirty.set()
-                else:
-                    self.status.lease_expires_at = time.monotonic() + left
+                left, gone = await self.store.keepalive(lease.lease_id, attempt_timeout), None
             except LeaseLost as exc:
-                if self.own is not lease or self.lease_lost.is_set():
-                    continue
-                log.warning("etcd lease of %s is gone (%s): re-acquiring", lease.subnet, exc)
-                self._mark_lease_lost()
-                self.dirty.set()
+                left, gone = 0, exc
             except (StoreUnavailable, StoreError) as exc:
                 # StoreError too: a member answering "context deadline exceeded" mid-election is
                 # no reason to end the daemon, whose lease the next renewal may still save.
@@ -760,6 +747,17 @@ class Daemon:
                 self.status.problem = f"etcd unreachable: {exc}"
                 log.warning("lease renewal failed: %s (lease has %.0f s left)", exc,
                             self.status.lease_seconds_left())
+                continue
+            if self.own is not lease or self.lease_lost.is_set():
+                continue   # lost and re-acquired meanwhile: this answer is about the old lease
+            if gone is None:
+                self.status.store_reachable = True
+            if left > 0:
+                self.status.lease_expires_at = time.monotonic() + left
+                continue
+            log.warning("etcd lease of %s %s: re-acquiring", lease.subnet, f"is gone ({gone})" if gone else "expired")
+            self._mark_lease_lost()
+            self.dirty.set()
 
 
 def _all_as_expected(changes: list[KernelChange], expected: DataplaneState | DesiredTracker) -> bool:
